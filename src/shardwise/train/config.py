@@ -1,0 +1,109 @@
+"""Config sections every recipe shares: the optimizer (shardwise options) and the training loop.
+
+A recipe composes them into its own top-level dataclass::
+
+    @dataclass
+    class RecipeConfig:
+        data: MyDataConfig = field(default_factory=MyDataConfig)
+        model: MyModelConfig = field(default_factory=MyModelConfig)
+        optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+        train: TrainConfig = field(default_factory=TrainConfig)
+
+Validation of ranges lives in ``__post_init__`` so that ``shardwise.config.from_dict`` reports it with
+the section's dotted path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class OptimizerConfig:
+    """shardwise AdamW: a named preset (lr, betas, eps, weight decay, schedule) plus explicit overrides.
+
+    ``None`` means "take the preset's value". ``weight_decay`` applies to the decay group only; biases,
+    norms and other ndim <= 1 parameters are in the no-decay group (``shardwise.optim.param_groups``).
+    """
+
+    preset: str = "finetune"
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    variant: Literal["adam", "radam", "adabelief"] = "adam"
+    amsgrad: bool = False
+    impl: Literal["auto", "reference", "foreach", "fused"] = "auto"
+    # 8 stores both moments as blockwise 8-bit codes (about 4x less optimizer memory)
+    state_bits: Literal[32, 8] = 32
+    # ZeRO-1 inside the process group: each rank keeps 1/world of the optimizer state
+    shard: bool = False
+    # any transformers.get_scheduler name (linear, cosine, constant_with_warmup, ...); None = preset's
+    schedule: str | None = None
+    warmup_ratio: float | None = None
+    warmup_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("set warmup_ratio or warmup_steps, not both")
+        if self.amsgrad and self.variant == "radam":
+            raise ValueError("amsgrad=true is not defined for variant='radam'")
+
+    def overrides(self) -> dict:
+        """The explicitly set optimizer kwargs (None = preset default) for optimizer_and_scheduler."""
+        kw = {
+            "lr": self.lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
+        kw = {k: v for k, v in kw.items() if v is not None}
+        kw.update(
+            variant=self.variant,
+            amsgrad=self.amsgrad,
+            impl=self.impl,
+            state_bits=self.state_bits,
+            shard=self.shard,
+        )
+        return kw
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, batch, precision, checkpoints, logging. Steps count optimizer updates."""
+
+    seed: int = 42
+    epochs: int = 1
+    # when set, stop after this many optimizer steps (may end mid-epoch); the schedule uses it
+    max_steps: int | None = None
+    batch_size: int = 32  # per process
+    eval_batch_size: int | None = None  # None = 2 * batch_size
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0  # None disables clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    output_dir: str = "outputs/run"
+    checkpoint_every: int | None = None  # optimizer steps; None = no intermediate checkpoints
+    keep_last: int = 2  # checkpoints kept on disk (oldest deleted first)
+    # "latest" = newest checkpoint under output_dir/checkpoints, or a checkpoint directory
+    resume_from_checkpoint: str | None = None
+    log_every: int = 10
+    eval_every: int | None = None  # optimizer steps; None = at the end of every epoch
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
+    progress: bool = True  # tqdm bars on the main process
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "eval_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {value}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
