@@ -122,7 +122,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise ConfigError(f"{path}: expected {_type_name(tp)} ({len(args)} items), got {value!r}")
-            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in pairs)
         item_tp = args[0] if args else Any
         items = [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
