@@ -1,0 +1,106 @@
+"""Blockwise 8-bit storage for optimizer moments.
+
+Layout
+------
+A parameter of shape ``(d0, d1, ...)`` is viewed as ``d0`` rows of ``R = d1 * d2 * ...`` elements.
+Each row is cut into blocks of ``BLOCK = 256`` consecutive elements (the last block of a row may be
+shorter); each block stores one fp32 scale, its absolute maximum. Codes have the parameter's shape,
+scales have shape ``(d0, ceil(R / 256))``. Because no block crosses a row, any split of dim 0 (FSDP2's
+``Shard(0)``, ZeRO-1's row ranges) cuts codes and scales at the same place: the 8-bit state of a
+parameter is the same however it is sharded.
+
+Code maps (in the spirit of Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization",
+which motivates non-linear maps with more resolution near zero)
+-----------------------------------------------------------------
+* first moment (signed, int8 in [-127, 127]), square-root companding::
+
+      c = sign(x) * round(127 * sqrt(|x| / a))        x' = a * c * |c| / 127^2
+
+* second moment and its AMSGrad maximum (non-negative, uint8 in [0, 255]), fourth-root companding::
+
+      c = round(255 * (x / a) ** (1/4))                 x' = a * (c^2)^2 / 255^4
+
+where ``a`` is the block's absmax. The square root gives the first moment ~127^2 = 16,129 distinct
+magnitude levels down to ``a / 16129``; the fourth root spans the second moment's much wider range,
+down to ``a / 4.2e9``, i.e. ``sqrt(v)`` (what the update divides by) down to ``sqrt(a) / 65025``.
+Both maps are closed-form, so the fused kernels decode and encode with a multiply and one or two
+square roots per element instead of a table search. Rounding is to nearest (ties to even), so the
+maximum round-trip error of a block is half a code step: at most ``a * 127/127^2 = a/127`` for the
+first moment (at the top of the range) and ``a * (1 - (254.5/255)^4) ~ a/128`` for the second.
+
+Parameters with fewer than ``MIN_NUMEL = 4096`` elements (biases, norms, small heads) and 1-D
+parameters keep full-precision state: they are a negligible share of memory and the most sensitive
+to quantization. The choice uses the global (unsharded) shape, never a local shard.
+
+This module is the torch-ops codec: the spec, used by the reference and foreach implementations and
+by state-dict conversion. The fused kernels implement the same maps natively.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+BLOCK = 256
+MIN_NUMEL = 4096
+SIGNED_MAX = 127.0
+UNSIGNED_MAX = 255.0
+
+
+def uses_8bit(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether a parameter of this global shape gets 8-bit state (``state_bits=8``)."""
+    return len(shape) >= 2 and math.prod(shape) >= MIN_NUMEL
+
+
+def row_length(shape: torch.Size | tuple[int, ...]) -> int:
+    """Elements per row: everything after dim 0."""
+    return math.prod(shape[1:])
+
+
+def scales_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """Shape of the per-block absmax tensor for a parameter (or dim-0 shard) of ``shape``."""
+    return (shape[0], -(-row_length(shape) // BLOCK))
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """View ``x`` as ``(rows, blocks, BLOCK)``, zero-padding each row to whole blocks."""
+    rows = x.reshape(x.shape[0], -1)
+    pad = -rows.shape[1] % BLOCK
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.view(rows.shape[0], -1, BLOCK)
+
+
+def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` (any float dtype, ndim >= 2) to ``(codes, absmax)``."""
+    blocks = _blocks(x if x.dtype == torch.float64 else x.float())
+    absmax = blocks.abs().amax(dim=-1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax)).unsqueeze(-1)
+    if signed:
+        codes = torch.round(blocks.abs().mul(inv).sqrt().mul(SIGNED_MAX)).copysign(blocks)
+        dtype = torch.int8
+    else:
+        codes = torch.round(blocks.mul(inv).sqrt().sqrt().mul(UNSIGNED_MAX))
+        dtype = torch.uint8
+    codes = codes.view(x.shape[0], -1)[:, : row_length(x.shape)].to(dtype)
+    return codes.view(x.shape), absmax
+
+
+def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`encode` (up to rounding), in ``dtype``."""
+    c = _blocks(codes.float())
+    if signed:
+        x = c * c.abs() * (absmax / SIGNED_MAX**2).unsqueeze(-1)
+    else:
+        c2 = c * c
+        x = c2 * c2 * (absmax / UNSIGNED_MAX**4).unsqueeze(-1)
+    return x.view(codes.shape[0], -1)[:, : row_length(codes.shape)].reshape(codes.shape).to(dtype)
+
+
+def encode_into(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:
+    """Quantize ``x`` into existing ``codes`` / ``absmax`` tensors (in place)."""
+    new_codes, new_absmax = encode(x, signed)
+    codes.copy_(new_codes)
+    absmax.copy_(new_absmax)
