@@ -270,7 +270,7 @@ ASSETS: dict[str, Asset] = {
 
 def fetch(cache: Path, names: list[str] | None = None, log: Callable[[str], None] = print) -> None:
     """Fetch and extract the named assets (all by default) into ``cache``; skips finished ones."""
-    names = list(ASSETS) if not names else names
+    names = names if names else list(ASSETS)
     unknown = [n for n in names if n not in ASSETS]
     if unknown:
         raise SystemExit(f"unknown asset(s) {unknown}; choose from {list(ASSETS)}")
@@ -296,7 +296,7 @@ def fetch(cache: Path, names: list[str] | None = None, log: Callable[[str], None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", type=Path, default=None, help=f"cache dir (default ${ASSETS_ENV} or .cache/assets)")
+    parser.add_argument("--cache", type=Path, default=None, help=f"default: ${ASSETS_ENV} or .cache/assets")
     parser.add_argument("--only", nargs="+", choices=list(ASSETS), help="fetch only these assets")
     args = parser.parse_args(argv)
     fetch(args.cache if args.cache is not None else assets_dir(), args.only)

@@ -1,0 +1,1 @@
+"""Data: text classification, causal-LM blocks, images, and the offline asset cache."""
