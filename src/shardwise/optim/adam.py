@@ -28,6 +28,11 @@ def _absmax_key(key: str) -> str:
     return f"{key}_absmax"
 
 
+def _is_8bit_entry(key: str, state: dict[str, Any]) -> bool:
+    """A per-block scale, or 8-bit codes (a moment stored beside its scales)."""
+    return key.endswith("_absmax") or _absmax_key(key) in state
+
+
 class _AdamFamily(torch.optim.Optimizer):
     """Shared machinery of :class:`Adam` and :class:`AdamW` (they differ only in weight decay)."""
 
@@ -236,14 +241,15 @@ class _AdamFamily(torch.optim.Optimizer):
         part only."""
         # torch casts every floating state tensor to the parameter's dtype; 8-bit scales must stay
         # fp32, so they travel beside torch's loader.
+        # Likewise 8-bit codes must keep their int8/uint8 dtype (torch would cast them to p.dtype).
         absmax = {
-            pid: {k: v for k, v in s.items() if k.endswith("_absmax")}
+            pid: {k: v for k, v in s.items() if _is_8bit_entry(k, s)}
             for pid, s in state_dict["state"].items()
         }
         stripped = {
             **state_dict,
             "state": {
-                pid: {k: v for k, v in s.items() if not k.endswith("_absmax")}
+                pid: {k: v for k, v in s.items() if not _is_8bit_entry(k, s)}
                 for pid, s in state_dict["state"].items()
             },
         }
@@ -254,7 +260,7 @@ class _AdamFamily(torch.optim.Optimizer):
             if not state:
                 continue
             for k, v in absmax.get(pid, {}).items():
-                state[k] = v.to(device=p.device, dtype=torch.float32)
+                state[k] = v.to(device=p.device, dtype=torch.float32 if k.endswith("_absmax") else v.dtype)
             self._convert_storage(p, state)
             self._partition.keep_local(p, state)
 
