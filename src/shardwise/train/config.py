@@ -16,7 +16,7 @@ the section's dotted path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -107,3 +107,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model (hub id, local directory or ``assets:models/...``), or a fresh one.
+
+    ``from_scratch: true`` builds the architecture from its config with random weights (tiny test
+    models); ``config_overrides`` are passed to the config either way (e.g. ``hidden_size`` for a tiny
+    model, ``hidden_dropout_prob`` when fine-tuning).
+    """
+
+    name_or_path: str
+    tokenizer: str | None = None  # default: name_or_path
+    from_scratch: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,72 @@
+"""Loop arithmetic and small pieces the recipes share: step plan, optimizer build, progress, seeds.
+
+Steps always count optimizer updates (after gradient accumulation), which is what the LR schedule,
+``log_every``, ``eval_every``, ``checkpoint_every`` and ``max_steps`` are measured in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import OptimizerConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    updates_per_epoch: int  # optimizer steps in one pass over this process's batches
+    total_steps: int  # what the schedule is built for
+    epochs: int  # passes needed to reach total_steps
+
+    def position(self, step: int, grad_accum: int) -> tuple[int, int]:
+        """(epoch, micro-batches to skip in it) to resume after ``step`` optimizer updates."""
+        epoch, within = divmod(step, self.updates_per_epoch)
+        return epoch, within * grad_accum
+
+
+def plan_steps(batches_per_epoch: int, train: TrainConfig) -> StepPlan:
+    """Optimizer steps per epoch and in total; ``max_steps`` wins over ``epochs`` when set.
+
+    The last accumulation window of an epoch may be short; accelerate still steps at the end of the
+    data loader, hence the ceil.
+    """
+    if batches_per_epoch < 1:
+        raise ValueError("the training data loader is empty: fewer samples than processes x batch_size?")
+    per_epoch = math.ceil(batches_per_epoch / train.grad_accum_steps)
+    if train.max_steps is not None:
+        return StepPlan(per_epoch, train.max_steps, math.ceil(train.max_steps / per_epoch))
+    return StepPlan(per_epoch, per_epoch * train.epochs, train.epochs)
+
+
+def build_optimizer(model, opt: OptimizerConfig, total_steps: int):
+    """shardwise optimizer (decay / no-decay groups) + LR schedule from the preset and the overrides."""
+    from shardwise.optim import optimizer_and_scheduler
+
+    return optimizer_and_scheduler(
+        opt.preset,
+        model,
+        total_steps,
+        schedule=opt.schedule,
+        warmup_steps=opt.warmup_steps,
+        warmup_ratio=opt.warmup_ratio,
+        **opt.overrides(),
+    )
+
+
+def describe_optimizer(optimizer) -> str:
+    """Parameter counts per group (nanoGPT's configure_optimizers print) and the key options."""
+    parts = []
+    for i, g in enumerate(optimizer.param_groups):
+        n = sum(p.numel() for p in g["params"])
+        parts.append(f"group {i}: {len(g['params'])} tensors, {n:,} params, weight_decay={g['weight_decay']}")
+    d = optimizer.defaults
+    opts = ", ".join(
+        f"{k}={d[k]}" for k in ("lr", "betas", "variant", "amsgrad", "impl", "state_bits", "shard") if k in d
+    )
+    return f"{type(optimizer).__name__}({opts})\n  " + "\n  ".join(parts)
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)

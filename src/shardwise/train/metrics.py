@@ -1,0 +1,104 @@
+"""Metrics: history for trackers and metrics.json, a loss/metric curve PNG, a final table.
+
+Every record is ``{"step": int, "name": value, ...}``; names are ``train/loss``, ``eval/accuracy`` and
+so on. ``Metrics.log`` also sends the record to accelerate's trackers (TensorBoard), and the main
+process writes ``metrics.json`` (full history + final values) and ``curves.png`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+class Metrics:
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.history: list[dict[str, Any]] = []
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in values.items()}
+        self.history.append({"step": step, **values})
+        if self.accelerator.trackers:
+            self.accelerator.log(values, step=step)
+
+    def last(self, prefix: str = "") -> dict[str, float]:
+        """The latest value of every metric whose name starts with ``prefix``."""
+        out: dict[str, float] = {}
+        for rec in self.history:
+            out.update({k: v for k, v in rec.items() if k != "step" and k.startswith(prefix)})
+        return out
+
+    def write(self, output_dir: str | Path, final: dict[str, Any]) -> Path:
+        """metrics.json = {"final": ..., "history": [...]} (main process only)."""
+        path = Path(output_dir) / "metrics.json"
+        if self.accelerator.is_main_process:
+            path.write_text(json.dumps({"final": final, "history": self.history}, indent=1) + "\n")
+        return path
+
+
+def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """One panel per metric (train/loss, eval/loss, eval/accuracy, ...) against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for rec in history:
+        for k, v in rec.items():
+            if k not in ("step", "train/lr", "train/epoch") and isinstance(v, (int, float)):
+                series[k].append((rec["step"], v))
+    names = sorted(series, key=lambda n: (n != "train/loss", n))
+    cols = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        xs, ys = zip(*series[name], strict=True)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(values: dict[str, Any], title: str = "final metrics") -> str:
+    """A two-column text table for the end-of-run summary."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in values.items()]
+    w0 = max([len(k) for k, _ in rows] + [len(title)])
+    w1 = max([len(v) for _, v in rows] + [5])
+    line = f"+-{'-' * w0}-+-{'-' * w1}-+"
+    out = [line, f"| {title:<{w0}} | {'':>{w1}} |", line]
+    out += [f"| {k:<{w0}} | {v:>{w1}} |" for k, v in rows]
+    out.append(line)
+    return "\n".join(out)
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as ``{"optimizer.lr": ...}`` with scalar values (TensorBoard hparams)."""
+    from shardwise.config import to_dict
+
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif node is None or isinstance(node, (list, tuple)):
+            out[prefix] = str(node)
+        else:
+            out[prefix] = node
+
+    walk("", to_dict(cfg))
+    return out
