@@ -53,7 +53,6 @@ def main(cfg: Config) -> dict:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from transformers import (
-        AutoConfig,
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
@@ -76,7 +75,9 @@ def main(cfg: Config) -> dict:
     )
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     eval_dl = DataLoader(eval_ds, eval_bs, collate_fn=collate, num_workers=cfg.train.num_workers)
-    say(f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, {len(label_names)} labels {label_names}")
+    say(
+        f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, {len(label_names)} labels {label_names}"
+    )
 
     # --------------------------------------------------------------------------------------- model
     name = resolve(cfg.model.name_or_path)
@@ -85,7 +86,7 @@ def main(cfg: Config) -> dict:
         "id2label": dict(enumerate(label_names)),
         "label2id": {n: i for i, n in enumerate(label_names)},
     }
-    model_config = AutoConfig.from_pretrained(name, **labels, **cfg.model.config_overrides)
+    model_config = cfg.model.hf_config(**labels)
     if cfg.model.from_scratch:
         model = AutoModelForSequenceClassification.from_config(model_config)
     else:  # a fresh classification head on the pretrained encoder
@@ -144,7 +145,9 @@ def main(cfg: Config) -> dict:
         if step >= plan.total_steps:
             break
         train_dl.set_epoch(epoch)  # same seeded order on resume
-        batches = accelerator.skip_first_batches(train_dl, skip) if epoch == start_epoch and skip else train_dl
+        batches = (
+            accelerator.skip_first_batches(train_dl, skip) if epoch == start_epoch and skip else train_dl
+        )
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
@@ -161,7 +164,9 @@ def main(cfg: Config) -> dict:
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == plan.total_steps:
-                train_loss = accelerator.reduce(torch.tensor(running / seen, device=accelerator.device), "mean")
+                train_loss = accelerator.reduce(
+                    torch.tensor(running / seen, device=accelerator.device), "mean"
+                )
                 lr = scheduler.get_last_lr()[0]
                 metrics.log(step, {"train/loss": train_loss.item(), "train/lr": lr, "train/epoch": epoch})
                 bar.set_postfix(loss=f"{train_loss.item():.4f}", lr=f"{lr:.2e}")

@@ -1,0 +1,67 @@
+"""shardwise.train: step plan, checkpoint rotation / lookup, metrics files, plots, config flattening."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from shardwise.train.checkpoint import find_checkpoint, list_checkpoints
+from shardwise.train.config import OptimizerConfig, TrainConfig
+from shardwise.train.loop import plan_steps
+from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
+
+
+def test_plan_steps_epochs_accumulation_and_max_steps():
+    plan = plan_steps(10, TrainConfig(epochs=3, grad_accum_steps=4))
+    assert (plan.updates_per_epoch, plan.total_steps, plan.epochs) == (3, 9, 3)  # ceil(10 / 4) = 3
+    assert plan.position(4, 4) == (1, 4)  # resume after 4 updates: epoch 1, skip 1 window of 4
+    plan = plan_steps(10, TrainConfig(epochs=1, max_steps=25))
+    assert (plan.total_steps, plan.epochs) == (25, 3)
+    with pytest.raises(ValueError, match="empty"):
+        plan_steps(0, TrainConfig())
+
+
+def test_checkpoint_listing_and_lookup(tmp_path):
+    for step, complete in ((2, True), (10, True), (4, True), (12, False)):
+        d = tmp_path / "checkpoints" / f"step_{step:07d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / "progress.json").write_text(json.dumps({"step": step}))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002", "step_0000004", "step_0000010"]
+    assert find_checkpoint(tmp_path, "latest").name == "step_0000010"  # the half-written one is ignored
+    assert find_checkpoint(tmp_path, str(tmp_path / "checkpoints/step_0000004")).name == "step_0000004"
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoints/step_0000012"))
+    with pytest.raises(FileNotFoundError, match="checkpoint_every"):
+        find_checkpoint(tmp_path / "empty", "latest")
+
+
+def test_metrics_json_plot_and_table(tmp_path):
+    acc = SimpleNamespace(trackers=[], is_main_process=True)
+    m = Metrics(acc)
+    for step in range(1, 6):
+        m.log(step, {"train/loss": 2.0 / step, "train/lr": 1e-3})
+    m.log(5, {"eval/accuracy": 0.9, "eval/loss": 0.3})
+    assert m.last("eval/") == {"eval/accuracy": 0.9, "eval/loss": 0.3}
+    path = m.write(tmp_path, {"eval/accuracy": 0.9})
+    data = json.loads(path.read_text())
+    assert data["final"]["eval/accuracy"] == 0.9 and len(data["history"]) == 6
+    png = plot_curves(m.history, tmp_path / "curves.png", title="t")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    table = format_table({"eval/accuracy": 0.91234, "steps": 5})
+    assert "| eval/accuracy | 0.9123 |" in table and "steps" in table
+
+
+def test_flat_config_is_scalar():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class C:
+        optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+        train: TrainConfig = field(default_factory=TrainConfig)
+
+    flat = flat_config(C())
+    assert flat["optimizer.preset"] == "finetune" and flat["train.report_to"] == "['tensorboard']"
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
