@@ -3,24 +3,38 @@
 A *partition* tells the optimizer which part of each parameter this rank updates and keeps state
 for; the update rule never knows about ranks. Two cases exist:
 
-* no partition (``shard=False``): every rank updates every parameter. DTensor parameters (FSDP2's
-  ``fully_shard``) are still handled: the rank updates its local shard and keeps state for it only,
-  wrapped as a DTensor with the parameter's placements so that
+* :class:`Replicated` (``shard=False``): every rank updates every parameter. DTensor parameters
+  (FSDP2's ``fully_shard``) are still handled: the rank updates its local shard and keeps state for
+  it only, wrapped as a DTensor with the parameter's placements so that
   ``torch.distributed.checkpoint.state_dict`` can gather or reshard it.
-* ZeRO-1 (``shard=True`` or a ``ProcessGroup``): see :class:`ZeroPartition`.
+* :class:`ZeroPartition` (``shard=True`` or a ``ProcessGroup``): ZeRO stage 1 over plain (DDP)
+  parameters.
+
+The ZeRO-1 layout is FSDP2's: every parameter is split along dim 0 with ``torch.chunk`` semantics
+(rank ``r`` owns rows ``[r * c, min((r + 1) * c, d0))`` with ``c = ceil(d0 / world)``; a 1-D
+parameter's rows are its elements). Splitting rows, never elements of a row, keeps the 8-bit blocks
+of :mod:`shardwise.optim.quant` whole, so a rank's codes and scales are exactly the rows of the full
+ones; a parameter with fewer rows than ranks leaves the last ranks without a piece. The per-rank
+maximum is ``ceil(d0 / world)`` rows of every parameter, the same as any balanced row split.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch without distributed
     DTensor = None
+
+#: Elements (per rank) that one bucketed all-gather carries at most.
+BUCKET_NUMEL = 32 * 1024 * 1024
 
 
 def is_dtensor(t: Any) -> bool:
@@ -32,6 +46,14 @@ def local_tensor(t: Tensor) -> Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
+def chunk_bounds(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``rows`` that ``rank`` owns (``torch.chunk`` / DTensor ``Shard``)."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
+# --------------------------------------------------------------------------------------- replicated
 class Replicated:
     """Every rank updates all of each parameter (DTensor parameters: their local shard)."""
 
@@ -62,7 +84,31 @@ class Replicated:
         return state_dict
 
     def keep_local(self, p: Tensor, state: dict[str, Any]) -> None:
-        pass
+        """For a DTensor ``p``, turn plain full-size state (``optim.load_state_dict(full_sd)`` on an
+        FSDP2 model) into this rank's shard; DTensor state (from DCP) is kept as it is."""
+        if not is_dtensor(p):
+            return
+        for key, value in state.items():
+            if key == "step" or not torch.is_tensor(value) or is_dtensor(value) or value.ndim == 0:
+                continue
+            if value.shape[0] != p.shape[0]:
+                raise ValueError(
+                    f"state {key!r} of shape {tuple(value.shape)} does not match parameter of global "
+                    f"shape {tuple(p.shape)}: expected a full (unsharded) state tensor"
+                )
+            state[key] = self.wrap_state(p, _local_slice(value, p.device_mesh, p.placements).clone())
+
+
+def _local_slice(full: Tensor, mesh: Any, placements: Any) -> Tensor:
+    """This rank's piece of ``full`` under ``placements`` (no communication)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    piece = full
+    for dim, (n, o) in enumerate(zip(shape, offset)):
+        if n != full.shape[dim]:
+            piece = piece.narrow(dim, o, n)
+    return piece
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -73,8 +119,256 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def make_partition(*, shard_arg: Any, params: list[Tensor]) -> Replicated:
+# --------------------------------------------------------------------------------------- ZeRO-1
+class ZeroPartition:
+    """ZeRO stage 1: each rank keeps state for, and updates, rows ``chunk_bounds(d0, world, rank)``
+    of every parameter (in place, on views of ``p.data`` / ``p.grad``); :meth:`after_step`
+    all-gathers the updated rows in buckets of many parameters per collective."""
+
+    def __init__(self, group: Any, params: list[Tensor], bucket_numel: int = BUCKET_NUMEL) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "shard=True (ZeRO-1) needs an initialized process group: call "
+                "torch.distributed.init_process_group() or create the accelerate.Accelerator() first"
+            )
+        for p in params:
+            if is_dtensor(p):
+                raise ValueError(
+                    "shard=True with DTensor (FSDP2) parameters: their state is already sharded like "
+                    "the parameters; drop shard=True"
+                )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.bucket_numel = bucket_numel
+
+    # ------------------------------------------------------------------ layout
+    def bounds(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
+        """Rows of ``p`` that ``rank`` (default: this rank) owns; a 0-d ``p`` is one row."""
+        rank = self.rank if rank is None else rank
+        return chunk_bounds(p.shape[0] if p.ndim else 1, self.world, rank)
+
+    def _piece(self, t: Tensor, p: Tensor, rank: int | None = None) -> Tensor:
+        if p.ndim == 0:
+            return t
+        start, stop = self.bounds(p, rank)
+        return t[start:stop]
+
+    def _piece_numel(self, p: Tensor, rank: int) -> int:
+        start, stop = self.bounds(p, rank)
+        return (stop - start) * (math.prod(p.shape[1:]) if p.ndim else 1)
+
+    # ------------------------------------------------------------------ the seam
+    def local(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
+        start, stop = self.bounds(p)
+        if stop <= start:
+            return None
+        return self._piece(p.data, p), self._piece(p.grad, p)
+
+    def wrap_state(self, p: Tensor, local_state: Tensor) -> Tensor:
+        return local_state
+
+    def all_agree(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
+
+    def _comm_device(self) -> torch.device:
+        backend = dist.get_backend(self.group)
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def after_step(self, params: list[Tensor]) -> None:
+        """All-gather every trainable parameter's rows from their owners, bucketed by device and
+        dtype (padded to the largest rank's share, ``all_gather_into_tensor``)."""
+        if self.world == 1:
+            return
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            if p.requires_grad:
+                by_kind.setdefault((p.device, p.dtype), []).append(p)
+        for plist in by_kind.values():
+            for bucket in self._split(plist, lambda p: self._piece_numel(p, 0)):
+                self._gather_params(bucket)
+
+    def _split(self, items: list, numel) -> list[list]:
+        buckets, current, size = [], [], 0
+        for item in items:
+            n = numel(item)
+            if current and size + n > self.bucket_numel:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += n
+        if current:
+            buckets.append(current)
+        return buckets
+
+    def _gather_params(self, plist: list[Tensor]) -> None:
+        counts = [sum(self._piece_numel(p, r) for p in plist) for r in range(self.world)]
+        width = max(counts)
+        if width == 0:
+            return
+        ref = plist[0]
+        send = torch.empty(width, dtype=ref.dtype, device=ref.device)
+        mine = [self._piece(p.data, p).reshape(-1) for p in plist if self._piece_numel(p, self.rank)]
+        if mine:
+            torch.cat(mine, out=send[: counts[self.rank]])
+        recv = torch.empty(width * self.world, dtype=ref.dtype, device=ref.device)
+        _all_gather_flat(recv, send, self.group)
+        dst, src = [], []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            offset = r * width
+            for p in plist:
+                n = self._piece_numel(p, r)
+                if n:
+                    piece = self._piece(p.data, p, r)
+                    dst.append(piece)
+                    src.append(recv[offset : offset + n].view(piece.shape))
+                    offset += n
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+    # ------------------------------------------------------------------ state dicts
+    def full_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Gather every rank's pieces into the state an unsharded optimizer would hold (a
+        collective: every rank must call it, and every rank gets the full state)."""
+        local = state_dict["state"]
+        meta: dict[Any, dict[str, Any]] = {}
+        for pid, s in local.items():
+            if not s:
+                continue
+            meta[pid] = {
+                k: (tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) and k != "step" else ("obj", v)
+                for k, v in s.items()
+            }
+        metas: list[dict] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(metas, meta, group=self.group)
+
+        order = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        full: dict[Any, dict[str, Any]] = {}
+        items: list[tuple[Any, str]] = []  # tensors to gather, in one agreed order
+        for pid in order:
+            owners = [m[pid] for m in metas if pid in m]
+            if not owners:
+                continue
+            entry: dict[str, Any] = {}
+            for key, desc in owners[0].items():
+                if desc[0] == "obj":
+                    entry[key] = desc[1]
+                    continue
+                pieces = [m[pid][key][0] for m in metas if pid in m and key in m[pid]]
+                shape = pieces[0] if len(pieces[0]) == 0 else (sum(s[0] for s in pieces), *pieces[0][1:])
+                entry[key] = torch.empty(shape, dtype=desc[1], device=desc[2])
+                items.append((pid, key))
+            full[pid] = entry
+
+        def piece_numel(rank: int, item: tuple[Any, str]) -> int:
+            pid, key = item
+            m = metas[rank]
+            return math.prod(m[pid][key][0]) if pid in m and key in m[pid] else 0
+
+        by_kind: dict[tuple, list[tuple[Any, str]]] = {}
+        for item in items:
+            t = full[item[0]][item[1]]
+            by_kind.setdefault((t.device, t.dtype), []).append(item)
+        for kind_items in by_kind.values():
+            widest = lambda it: max(piece_numel(r, it) for r in range(self.world))
+            for bucket in self._split(kind_items, widest):
+                self._gather_state(bucket, local, full, piece_numel)
+        return {"state": full, "param_groups": state_dict["param_groups"]}
+
+    def _gather_state(self, items, local, full, piece_numel) -> None:
+        counts = [sum(piece_numel(r, it) for it in items) for r in range(self.world)]
+        width = max(counts)
+        ref = full[items[0][0]][items[0][1]]
+        send = torch.empty(width, dtype=ref.dtype, device=ref.device)
+        mine = [local[pid][key].reshape(-1) for pid, key in items if piece_numel(self.rank, (pid, key))]
+        if mine:
+            torch.cat(mine, out=send[: counts[self.rank]])
+        recv = torch.empty(width * self.world, dtype=ref.dtype, device=ref.device)
+        _all_gather_flat(recv, send, self.group)
+        row = {it: 0 for it in items}  # next row of each full tensor to fill (ranks own rows in order)
+        for r in range(self.world):
+            offset = r * width
+            for it in items:
+                n = piece_numel(r, it)
+                if not n:
+                    continue
+                target = full[it[0]][it[1]]
+                if target.ndim == 0:
+                    target.copy_(recv[offset])
+                else:
+                    flat = target.view(target.shape[0], -1)
+                    rows = n // flat.shape[1] if flat.shape[1] else 0
+                    flat[row[it] : row[it] + rows].copy_(recv[offset : offset + n].view(rows, -1))
+                    row[it] += rows
+                offset += n
+
+    def keep_local(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Cut full loaded state down to this rank's rows (drop it where this rank owns none)."""
+        start, stop = self.bounds(p)
+        if stop <= start:
+            state.clear()
+            return
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()  # never alias the loaded dict's counter
+        if p.ndim == 0:
+            return
+        for key, value in list(state.items()):
+            if key == "step" or not torch.is_tensor(value):
+                continue
+            if value.ndim == 0 or value.shape[0] != p.shape[0]:
+                raise ValueError(
+                    f"state {key!r} of shape {tuple(value.shape)} is not full-size for a parameter of "
+                    f"shape {tuple(p.shape)}: shard=True loads the full state that state_dict() returns"
+                )
+            state[key] = value[start:stop].clone()
+
+
+def _all_gather_flat(out: Tensor, inp: Tensor, group: Any) -> None:
+    """``out = cat(inp of every rank)``: one collective (``all_gather_single`` where torch has it)."""
+    gather = getattr(dist, "all_gather_single", None)
+    if gather is not None:
+        gather(out, inp, group=group)
+    else:
+        dist.all_gather_into_tensor(out, inp, group=group)
+
+
+def make_partition(*, shard_arg: Any, params: list[Tensor]) -> Replicated | ZeroPartition:
     """The partition for ``AdamW(..., shard=shard_arg)``."""
     if shard_arg is False or shard_arg is None:
         return Replicated()
-    raise NotImplementedError("shard=True (ZeRO-1) is not implemented yet")
+    if shard_arg is True:
+        return ZeroPartition(None, params)
+    if dist.is_available() and isinstance(shard_arg, dist.ProcessGroup):
+        return ZeroPartition(shard_arg, params)
+    raise ValueError(
+        f"Invalid shard: {shard_arg!r} (expected False, True or a torch.distributed.ProcessGroup)"
+    )
+
+
+# --------------------------------------------------------------------------------------- accelerate
+def check_accelerate_sharding(accelerator: Any) -> None:
+    """Fail loudly when accelerate was asked for FSDP but is not running it.
+
+    Accelerate (1.x) silently ignores an FSDP plugin (``--use_fsdp``, ``fsdp_config``,
+    ``Accelerator(fsdp_plugin=...)``) on CPU and runs plain DDP, so every rank would hold the full
+    model and optimizer state while the user believes it is sharded. Call this right after building
+    the ``Accelerator``.
+    """
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    asked = asked or getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        raise RuntimeError(
+            f"accelerate was asked for FSDP but runs {accelerator.distributed_type} on "
+            f"{accelerator.device.type}: it ignores the FSDP plugin on this device, so nothing would be "
+            "sharded. Drive FSDP2 directly instead: torch.distributed.fsdp.fully_shard(module) on each "
+            "block and on the model (shardwise optimizers handle its DTensor parameters with no flag), "
+            "or use ZeRO-1 with AdamW(..., shard=True) under DDP, or DeepSpeed (DeepSpeedPlugin)."
+        )
