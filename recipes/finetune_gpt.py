@@ -94,7 +94,7 @@ def main(cfg: Config) -> dict:
     # ----------------------------------------------------------------------------------- optimizer
     plan = plan_steps(-(-len(train_dl) // accelerator.num_processes), cfg.train)
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, plan.total_steps)
-    say(f"optimizer: {describe_optimizer(optimizer)}")
+    say(f"optimizer: {describe_optimizer(optimizer, cfg.optimizer)}")
     say(f"schedule: {plan.total_steps} steps ({plan.updates_per_epoch}/epoch, {plan.epochs} epochs)")
     configure_deepspeed(accelerator, cfg.train)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(

@@ -62,9 +62,9 @@ def test_classification_errors_name_the_fix(tmp_path, tokenizer):
     files = _write(tmp_path, "csv")
     with pytest.raises(ValueError, match="column 'sentence' not in the data set"):
         load_classification(ClassificationDataConfig(data_files=files, text_column="sentence"), tokenizer)
-    with pytest.raises(ValueError, match="eval_split='validation' is not a split"):
+    with pytest.raises(ValueError, match=r"eval_split='validation' is not a split"):
         load_classification(ClassificationDataConfig(data_files=files, eval_split="validation"), tokenizer)
-    with pytest.raises(ValueError, match="set data.data_files"):
+    with pytest.raises(ValueError, match=r"set data.data_files"):
         load_classification(ClassificationDataConfig(data_files=None), tokenizer)
 
 
@@ -75,7 +75,7 @@ def test_causal_lm_blocks(tmp_path, tokenizer):
         data_files={"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "val.txt")},
         block_size=7,
     )
-    train, evals = load_causal_lm(cfg, tokenizer)
+    train, _ = load_causal_lm(cfg, tokenizer)
     assert all(len(x) == 7 for x in train["input_ids"]) and train["input_ids"] == train["labels"]
     assert len(train) == (20 * 5) // 7  # 5 word tokens per line (newlines are unknown to this vocab)
     with pytest.raises(ValueError, match="lower it"):

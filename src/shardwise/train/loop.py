@@ -53,16 +53,18 @@ def build_optimizer(model, opt: OptimizerConfig, total_steps: int):
     )
 
 
-def describe_optimizer(optimizer) -> str:
+def describe_optimizer(optimizer, opt: OptimizerConfig) -> str:
     """Parameter counts per group (nanoGPT's configure_optimizers print) and the key options."""
     parts = []
     for i, g in enumerate(optimizer.param_groups):
         n = sum(p.numel() for p in g["params"])
         parts.append(f"group {i}: {len(g['params'])} tensors, {n:,} params, weight_decay={g['weight_decay']}")
     d = optimizer.defaults
-    opts = ", ".join(
-        f"{k}={d[k]}" for k in ("lr", "betas", "variant", "amsgrad", "impl", "state_bits", "shard") if k in d
-    )
+    opts = [f"{k}={d[k]}" for k in ("lr", "betas", "eps", "variant", "amsgrad") if k in d]
+    # storage / placement options are attributes, not per-group hyperparameters
+    opts += [f"{k}={getattr(optimizer, k)}" for k in ("impl", "state_bits") if hasattr(optimizer, k)]
+    opts.append(f"shard={opt.shard}")
+    opts = ", ".join(opts)
     return f"{type(optimizer).__name__}({opts})\n  " + "\n  ".join(parts)
 
 
