@@ -74,28 +74,40 @@ def _blocks(x: Tensor) -> Tensor:
 
 
 def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """Quantize ``x`` (any float dtype, ndim >= 2) to ``(codes, absmax)``."""
+    """Quantize ``x`` (any float dtype, ndim >= 2) to ``(codes, absmax)``.
+
+    Non-finite values poison their block on purpose: its absmax is stored as NaN and its codes as
+    0, so the block decodes to NaN instead of silently to wrong numbers.
+    """
     blocks = _blocks(x if x.dtype == torch.float64 else x.float())
-    absmax = blocks.abs().amax(dim=-1)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax)).unsqueeze(-1)
+    magnitude = blocks.abs()
+    absmax = magnitude.amax(dim=-1, keepdim=True)
+    ok = torch.isfinite(absmax) & (absmax > 0)
     if signed:
-        codes = torch.round(blocks.abs().mul(inv).sqrt().mul(SIGNED_MAX)).copysign(blocks)
+        inv = torch.where(ok, 1.0 / absmax, torch.zeros_like(absmax))
+        codes = torch.round(magnitude.mul(inv).sqrt().mul(SIGNED_MAX)).copysign(blocks)
         dtype = torch.int8
     else:
-        codes = torch.round(blocks.mul(inv).sqrt().sqrt().mul(UNSIGNED_MAX))
+        # (x / a) ** (1/4) as sqrt(sqrt(x) / sqrt(a)): the fused kernel reuses sqrt(x) from the
+        # update's denominator, and both paths must round identically.
+        inv = torch.where(ok, 1.0 / absmax.sqrt(), torch.zeros_like(absmax))
+        codes = torch.round(magnitude.sqrt().mul(inv).sqrt().mul(UNSIGNED_MAX))
         dtype = torch.uint8
+    codes = torch.where(torch.isfinite(absmax), codes, torch.zeros_like(codes))
+    absmax = torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, float("nan")))
     codes = codes.view(x.shape[0], -1)[:, : row_length(x.shape)].to(dtype)
-    return codes.view(x.shape), absmax
+    return codes.view(x.shape), absmax.squeeze(-1).float()
 
 
 def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
     """Inverse of :func:`encode` (up to rounding), in ``dtype``."""
-    c = _blocks(codes.float())
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    c = _blocks(codes.to(compute))
     if signed:
-        x = c * c.abs() * (absmax / SIGNED_MAX**2).unsqueeze(-1)
+        x = c * c.abs() * (absmax.to(compute) / SIGNED_MAX**2).unsqueeze(-1)
     else:
         c2 = c * c
-        x = c2 * c2 * (absmax / UNSIGNED_MAX**4).unsqueeze(-1)
+        x = c2 * c2 * (absmax.to(compute) / UNSIGNED_MAX**4).unsqueeze(-1)
     return x.view(codes.shape[0], -1)[:, : row_length(codes.shape)].reshape(codes.shape).to(dtype)
 
 

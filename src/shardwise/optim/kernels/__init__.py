@@ -3,8 +3,9 @@
     adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, rule, scalars)
 
 ``reference`` loops over tensors (the spec), ``foreach`` uses multi-tensor ops, ``fused`` runs one
-native kernel per bucket. All take full-precision state; :func:`run` adds the 8-bit codec seam: for
-8-bit buckets the fused kernel works on codes directly, the others decode, update and re-encode.
+native kernel per bucket. :func:`run` is the 8-bit codec seam: for 8-bit buckets the fused kernel
+works on codes directly (one pass over memory), the others decode to full precision, apply the
+same signature, and re-encode (:mod:`shardwise.optim.quant`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..rule import Rule, StepScalars
 from . import foreach, fused, reference
 
 IMPLS = ("reference", "foreach", "fused")
-_UNFUSED = {"reference": reference.adam_update, "foreach": foreach.adam_update}
+_IMPLS = {"reference": reference.adam_update, "foreach": foreach.adam_update, "fused": fused.adam_update}
 
 
 @dataclass
@@ -45,10 +46,21 @@ class Bucket:
 
 def run(impl: str, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
     """Apply one step of ``rule`` to ``bucket`` with implementation ``impl``."""
-    if impl == "fused":
-        fused.adam_update_bucket(bucket, rule=rule, scalars=scalars)
+    if impl == "fused" and bucket.quantized:
+        fused.adam_update_8bit(
+            bucket.params,
+            bucket.grads,
+            bucket.exp_avgs,
+            bucket.exp_avg_sqs,
+            bucket.max_exp_avg_sqs,
+            bucket.exp_avg_absmax,
+            bucket.exp_avg_sq_absmax,
+            bucket.max_exp_avg_sq_absmax,
+            rule=rule,
+            scalars=scalars,
+        )
         return
-    update = _UNFUSED[impl]
+    update = _IMPLS[impl]
     if not bucket.quantized:
         update(
             bucket.params,
