@@ -312,7 +312,10 @@ def augment_batch(
 
 
 class ImageTensorDataset(Dataset):
-    """uint8 images + labels, fetched a batch at a time, augmented (if `train`) and normalized to float32."""
+    """uint8 images + labels, fetched a batch at a time, augmented (if `train`) and normalized to float32.
+
+    `seed` gives the augmentation its own generator; None draws from torch's global RNG instead.
+    """
 
     def __init__(
         self,
@@ -322,7 +325,7 @@ class ImageTensorDataset(Dataset):
         std: Sequence[float],
         *,
         train: bool,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -331,7 +334,8 @@ class ImageTensorDataset(Dataset):
         self.images, self.labels, self.train = images, labels, train
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.generator = torch.Generator().manual_seed(seed)
+        # None: augment from torch's global RNG, which `accelerate` seeds and saves in checkpoints
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.labels)
