@@ -27,7 +27,14 @@ from shardwise.data.text import CausalLMDataConfig, load_causal_lm
 from shardwise.train.accel import configure_deepspeed, describe, is_deepspeed, make_accelerator
 from shardwise.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from shardwise.train.config import ModelConfig, OptimizerConfig, TrainConfig
-from shardwise.train.loop import build_optimizer, describe_optimizer, plan_steps, progress
+from shardwise.train.loop import (
+    build_optimizer,
+    describe_optimizer,
+    due,
+    optimizer_steps,
+    plan_steps,
+    progress,
+)
 from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
 
 
@@ -101,11 +108,11 @@ def main(cfg: Config) -> dict:
         model, optimizer, train_dl, eval_dl, scheduler
     )
 
-    step = 0
+    start_step = 0
     if cfg.train.resume_from_checkpoint is not None:
         path = find_checkpoint(out, cfg.train.resume_from_checkpoint)
-        step = load_checkpoint(accelerator, path)
-        say(f"resumed from {path} at step {step} (lr {scheduler.get_last_lr()[0]:.3g})")
+        start_step = load_checkpoint(accelerator, path)
+        say(f"resumed from {path} at step {start_step} (lr {scheduler.get_last_lr()[0]:.3g})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -129,50 +136,27 @@ def main(cfg: Config) -> dict:
     # -------------------------------------------------------------------------------------- loop
     metrics = Metrics(accelerator)
     model.train()
-    bar = progress(plan.total_steps, step, "train", accelerator.is_main_process and cfg.train.progress)
-    start_epoch, skip = plan.position(step, cfg.train.grad_accum_steps)
-    running, seen, last_eval_step = 0.0, 0, -1
+    bar = progress(plan.total_steps, start_step, "train", accelerator.is_main_process and cfg.train.progress)
+    step, window, last_eval_step = start_step, [], -1  # window: per-update losses since the last log
     t_train = time.perf_counter()
-    for epoch in range(start_epoch, plan.epochs):
-        if step >= plan.total_steps:
-            break
-        train_dl.set_epoch(epoch)  # same seeded order on resume
-        batches = (
-            accelerator.skip_first_batches(train_dl, skip) if epoch == start_epoch and skip else train_dl
-        )
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm and not is_deepspeed(accelerator):
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running, seen = running + loss.detach().float().item(), seen + 1
-            if not accelerator.sync_gradients:
-                continue
-            # one optimizer update done
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == plan.total_steps:
-                mean = torch.tensor(running / seen, device=accelerator.device)
-                train_loss = accelerator.reduce(mean, "mean").item()
-                lr = scheduler.get_last_lr()[0]
-                metrics.log(step, {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch})
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
-                running, seen = 0.0, 0
-            end_of_epoch = step % plan.updates_per_epoch == 0
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or (
-                not cfg.train.eval_every and end_of_epoch
-            ):
-                ev, last_eval_step = evaluate(), step
-                metrics.log(step, ev)
-                say(f"\nstep {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(accelerator, out, step, cfg.train.keep_last)
-            if step >= plan.total_steps:
-                break
+    # each iteration = one optimizer update (accumulation, clipping, LR schedule: shardwise.train.loop)
+    for step, epoch, loss in optimizer_steps(
+        accelerator, model, train_dl, optimizer, scheduler, plan, cfg.train, start_step
+    ):
+        bar.update(1)
+        window.append(loss)
+        if due(step, cfg.train.log_every) or step == plan.total_steps:
+            train_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()  # over processes
+            lr = scheduler.get_last_lr()[0]
+            metrics.log(step, {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch})
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+            window.clear()
+        if due(step, cfg.train.eval_every or plan.updates_per_epoch):  # default: every epoch
+            ev, last_eval_step = evaluate(), step
+            metrics.log(step, ev)
+            say(f"\nstep {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if due(step, cfg.train.checkpoint_every):
+            save_checkpoint(accelerator, out, step, cfg.train.keep_last)
     bar.close()
     train_seconds = time.perf_counter() - t_train
 

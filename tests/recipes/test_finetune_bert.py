@@ -48,18 +48,24 @@ def test_tiny_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_two_processes_sharded_8bit(tmp_path):
+    """Through launch/local.sh, as a user would: recipe, recipe config, accelerate config, overrides."""
+    import sys
+
+    from ._run import ACCELERATE
+
     out = tmp_path / "run"
-    cmd = recipe_cmd(
-        "finetune_bert.py",
-        "bert_tiny.yaml",
+    cmd = [
+        "launch/local.sh",
+        "recipes/finetune_bert.py",
+        "configs/recipes/bert_tiny.yaml",
+        "configs/accelerate/cpu_ddp.yaml",
         f"train.output_dir={out}",
         "optimizer.shard=true",
         "optimizer.state_bits=8",
         *FAST,
-        accelerate_config="cpu_ddp.yaml",
-    )
-    proc = run(cmd)
-    assert "MULTI_CPU x2" in proc.stdout
+    ]
+    proc = run(cmd, env={"PYTHON": sys.executable, "ACCELERATE": str(ACCELERATE)})
+    assert "MULTI_CPU x2" in proc.stdout and "state_bits=8, shard=True" in proc.stdout
     _check_outputs(out, 8)
 
 
@@ -137,3 +143,23 @@ def test_bad_override_fails_with_key_and_hint(tmp_path):
     )
     assert proc.returncode == 2
     assert "optimizer.lrr" in proc.stderr and "did you mean 'lr'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_fails_loudly(tmp_path):
+    """accelerate ignores its FSDP plugin on CPU (it would silently run DDP): the recipe refuses."""
+    import subprocess
+
+    from ._run import ROOT
+
+    cmd = recipe_cmd(
+        "finetune_bert.py",
+        "bert_tiny.yaml",
+        f"train.output_dir={tmp_path}",
+        *FAST,
+        accelerate_config="fsdp2.yaml",
+    )
+    cmd[cmd.index("--config_file") + 2 : cmd.index("--config_file") + 2] = ["--num_processes", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "silently falls back to DDP" in proc.stdout + proc.stderr

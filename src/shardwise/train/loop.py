@@ -72,3 +72,64 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def model_loss(model, batch):
+    """The default loss: transformers models compute it from ``labels`` in the batch."""
+    return model(**batch).loss
+
+
+def optimizer_steps(
+    accelerator,
+    model,
+    train_dl,
+    optimizer,
+    scheduler,
+    plan: StepPlan,
+    train: TrainConfig,
+    start_step: int = 0,
+    loss_fn=model_loss,
+):
+    """Run the training micro-batches; yield ``(step, epoch, loss)`` after every optimizer update.
+
+    The mechanics both recipes share: gradient accumulation (``accelerator.accumulate``), clipping
+    (DeepSpeed clips itself, from its JSON), optimizer + LR-scheduler step, the seeded per-epoch data
+    order, and — when ``start_step`` > 0 after a resume — skipping the micro-batches already seen in
+    that epoch. ``loss`` is this process's mean loss over the update's micro-batches, a 0-d tensor on
+    the device (no host sync here; reduce it when logging). The caller logs, evaluates and saves.
+    """
+    from .accel import is_deepspeed
+
+    clip = train.max_grad_norm is not None and not is_deepspeed(accelerator)
+    start_epoch, skip = plan.position(start_step, train.grad_accum_steps)
+    step = start_step
+    for epoch in range(start_epoch, plan.epochs):
+        if step >= plan.total_steps:
+            return
+        train_dl.set_epoch(epoch)
+        batches = (
+            accelerator.skip_first_batches(train_dl, skip) if epoch == start_epoch and skip else train_dl
+        )
+        total, n = 0.0, 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total, n = total + loss.detach().float(), n + 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()  # once per update: make_accelerator sets step_scheduler_with_optimizer=False
+            step += 1
+            yield step, epoch, total / n
+            total, n = 0.0, 0
+            if step >= plan.total_steps:
+                return
+
+
+def due(step: int, every: int | None) -> bool:
+    """True when a cadence of ``every`` optimizer steps (None = never) falls on ``step``."""
+    return every is not None and step % every == 0

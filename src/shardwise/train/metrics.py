@@ -40,9 +40,15 @@ class Metrics:
         return path
 
 
-def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """One panel per metric (train/loss, eval/loss, eval/accuracy, ...) against the optimizer step."""
-    import matplotlib
+def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | str:
+    """One panel per metric (train/loss, eval/loss, eval/accuracy, ...) against the optimizer step.
+
+    Returns the PNG path, or a note saying how to get plots when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return "(no plot: matplotlib is not installed; pip install 'shardwise[logging]')"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
