@@ -30,9 +30,7 @@ def _check(out):
 
 def test_tiny_one_process(tmp_path):
     out = tmp_path / "run"
-    proc = run(
-        recipe_cmd("finetune_gpt.py", "gpt_tiny.yaml", f"train.output_dir={out}", "train.report_to=[]")
-    )
+    proc = run(recipe_cmd("finetune_gpt.py", "gpt_tiny.yaml", f"train.output_dir={out}"))
     _check(out)
     assert "--- sample ---" in proc.stdout and "perplexity" in proc.stdout
     assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard events were not written"
