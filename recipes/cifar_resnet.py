@@ -238,6 +238,9 @@ class RunMetrics(Metrics):
             self.accelerator.log({f"{self.prefix}/{k}": v for k, v in values.items()}, step=step)
 
 
+RUN_STATE = "run_state.json"  # in each checkpoint: the metric history and training time up to it
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
     try:
@@ -308,10 +311,14 @@ def train_one(
         model, optimizer, train_dl, test_dl, scheduler
     )
 
-    step = 0
+    step, seconds_before, history = 0, 0.0, []
     if resume is not None:
         path = find_checkpoint(out, resume)
         step = load_checkpoint(accelerator, path)
+        # the curves and the clock so far travel with the checkpoint (RUN_STATE, written below)
+        if (path / RUN_STATE).is_file():
+            saved = json.loads((path / RUN_STATE).read_text())
+            seconds_before, history = saved["train_seconds"], saved["history"]
         say(f"   resumed from {path} at step {step}")
 
     # ------------------------------------------------------------------------------------- eval
@@ -334,6 +341,7 @@ def train_one(
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     peak_rss = rss_bytes()
     metrics = RunMetrics(accelerator, prefix=run_dir_name(choice))
+    metrics.history = history
     model.train()
     bar = progress(plan.total_steps, step, choice.name, accelerator.is_main_process and cfg.train.progress)
     start_epoch, skip = plan.position(step, cfg.train.grad_accum_steps)
@@ -382,21 +390,25 @@ def train_one(
             every = cfg.train.eval_every
             if step == early_step or (every and step % every == 0) or (not every and end_of_epoch):
                 ev, last_eval_step = evaluate(), step
-                metrics.log(step, {**ev, "train/epoch": step / plan.updates_per_epoch})
+                metrics.log(step, ev)
                 say(f"\n   step {step} (epoch {step / plan.updates_per_epoch:.2f}): "
                     f"test accuracy {ev['eval/accuracy']:.4f}, test loss {ev['eval/loss']:.4f}")  # fmt: skip
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(accelerator, out, step, cfg.train.keep_last)
+                path = save_checkpoint(accelerator, out, step, cfg.train.keep_last)
+                if accelerator.is_main_process:
+                    seconds = seconds_before + time.perf_counter() - t_train
+                    state = {"train_seconds": seconds, "history": metrics.history}
+                    (path / RUN_STATE).write_text(json.dumps(state) + "\n")
             if step >= plan.total_steps:
                 break
     bar.close()
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = seconds_before + time.perf_counter() - t_train
 
     # ------------------------------------------------------------------------------------- save
     if last_eval_step != step:
-        metrics.log(step, {**evaluate(), "train/epoch": step / plan.updates_per_epoch})
+        metrics.log(step, evaluate())
     evals = [r for r in metrics.history if "eval/accuracy" in r]
-    early = [r for r in evals if r["step"] == early_step] or evals[:1]
+    early = [r for r in evals if r["step"] == early_step] or [{"step": math.nan, "eval/accuracy": math.nan}]
     peak_rss = max(peak_rss, rss_bytes())
     result = RunResult(
         name=choice.label,

@@ -197,6 +197,9 @@ def test_single_optimizer_with_checkpoint_and_resume(tmp_path):
     assert first.steps == 5 and (out / "checkpoints/step_0000005/progress.json").is_file()
     resumed = recipe.main(config(None, *common, "train.epochs=2", "train.resume_from_checkpoint=latest"))[0]
     assert resumed.steps == 10 and (out / "metrics.json").is_file() and (out / "comparison.md").is_file()
+    # the history before the checkpoint came back with it: the early eval (step 1) and every epoch
+    assert [h["step"] for h in resumed.history if "eval/accuracy" in h] == [1, 5, 10]
+    assert resumed.early_accuracy == first.early_accuracy and resumed.train_seconds > first.train_seconds
 
 
 def test_eight_bit_forms_run(tmp_path):
@@ -225,18 +228,33 @@ def test_missing_data_fails_with_where_to_put_it(tmp_path):
 
 # ------------------------------------------------------------------------------- CPU regression (slow)
 
-# Lowest final test accuracy over seeds 0, 1, 2 (docs/cifar.md) minus MARGIN.
+# Final test accuracy of configs/recipes/cifar_resnet18_fmnist_cpu.yaml measured with train.seed=0 and 1
+# (docs/cifar.md). The test runs seed 0, but a different CPU, thread count or torch build changes the
+# float round-off and, after 189 steps at a constant learning rate, the trajectory: treat a CI run as a
+# fresh seed. Floor = lowest measured - spread between the seeds - MARGIN.
 MARGIN = 0.05
-MEASURED_MIN_FINAL = {
-    "sgd": 0.0,
-    "sgd_momentum": 0.0,
-    "adam": 0.0,
-    "adamw": 0.0,
-    "amsgrad": 0.0,
-    "radam": 0.0,
-    "adabelief": 0.0,
-    "adamw_8bit": 0.0,
+MEASURED_FINAL = {
+    "sgd": (0.509, 0.697),
+    "sgd_momentum": (0.764, 0.709),
+    "adam": (0.741, 0.748),
+    "adamw": (0.721, 0.727),
+    "amsgrad": (0.730, 0.732),
+    "radam": (0.558, 0.600),
+    "adabelief": (0.715, 0.716),
+    "adamw_8bit": (0.711, 0.729),
 }
+
+
+def floor(name: str) -> float:
+    lo, hi = min(MEASURED_FINAL[name]), max(MEASURED_FINAL[name])
+    return lo - (hi - lo) - MARGIN
+
+
+def train_loss(r, epoch: int) -> float:
+    """Mean of the logged training losses (each a mean over 10 steps) within epoch `epoch` (0-based)."""
+    lo, hi = epoch * r.updates_per_epoch, (epoch + 1) * r.updates_per_epoch
+    pts = [h["train/loss"] for h in r.history if "train/loss" in h and lo < h["step"] <= hi]
+    return sum(pts) / len(pts)
 
 
 @pytest.fixture(scope="module")
@@ -249,22 +267,36 @@ def regression(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MEASURED_MIN_FINAL))
+@pytest.mark.parametrize("name", list(MEASURED_FINAL))
 def test_cpu_regression_accuracy_floor(regression, name):
     r = regression[name]
-    floor = MEASURED_MIN_FINAL[name] - MARGIN
-    assert r.final_accuracy >= floor, f"{name}: final accuracy {r.final_accuracy:.4f} < floor {floor:.4f}"
+    assert r.final_accuracy >= floor(name), (
+        f"{name}: final accuracy {r.final_accuracy:.4f} < {floor(name):.4f}"
+    )
+    assert r.steps == 189 and math.isfinite(r.history[-1]["train/loss"])
 
 
 @pytest.mark.slow
 def test_cpu_regression_seed_claims(regression):
     r = regression
-    # the seed: "Adam ahead of plain SGD early" (71% vs 45% after 10 of 100 epochs)
-    assert r["adam"].early_accuracy > r["sgd"].early_accuracy + 0.05
-    # the seed: AdamW >= Adam (89.1% vs 86.7%); equal within seed noise at this scale
-    assert r["adamw"].final_accuracy >= r["adam"].final_accuracy - 0.02
-    # momentum helps SGD (88.4% vs 72.3%)
-    assert r["sgd_momentum"].final_accuracy > r["sgd"].final_accuracy
+    # "Adam ahead of plain SGD early" (seed: 71% vs 45% after 10 of 100 epochs). At this scale the test
+    # accuracy after 10% of the steps (step 19) is dominated by BatchNorm running statistics that have
+    # seen 19 batches, so the claim is checked on the training loss over the first epoch, where Adam led
+    # by 0.09 and 0.14 nats (seeds 0, 1), and on the test accuracy after epoch 1 (+1.4, +10.2 points).
+    assert train_loss(r["adam"], 0) < train_loss(r["sgd"], 0)
+    at_epoch_1 = {
+        n: next(h["eval/accuracy"] for h in r[n].history if h["step"] == r[n].updates_per_epoch)
+        for n in ("adam", "sgd")
+    }
+    assert at_epoch_1["adam"] >= at_epoch_1["sgd"] - 0.03, at_epoch_1
+    # "AdamW >= Adam" (seed: 89.1% vs 86.7%). Over 189 steps decoupled decay shrinks the weights by
+    # lr * wd * steps = 0.2% in all, so the two are the same algorithm up to noise here: measured, the
+    # last-epoch training losses agree to 0.006 nats and AdamW's test accuracy was 2.0 / 2.1 points
+    # lower. Tolerances: 0.03 nats and 4 points (twice the measured gap).
+    assert train_loss(r["adamw"], 2) <= train_loss(r["adam"], 2) + 0.03
+    assert r["adamw"].final_accuracy >= r["adam"].final_accuracy - 0.04
+    # momentum helps SGD (seed: 88.4% vs 72.3%): in training loss; the test accuracy is noisier
+    assert train_loss(r["sgd_momentum"], 2) < train_loss(r["sgd"], 2)
 
 
 # ------------------------------------------------------------------------------------- GPU (-m gpu)
