@@ -6,7 +6,8 @@
 #       optimizer.shard=true optimizer.state_bits=8
 #
 # Without an accelerate config (or with "-") the recipe runs as one plain python process.
-# PYTHON / ACCELERATE override the interpreter and the launcher (default: .venv/bin/...).
+# PYTHON / ACCELERATE override the interpreter and the launcher (default: .venv/bin/...);
+# MAIN_PROCESS_PORT sets the rendezvous port (default 29500) for running two jobs side by side.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
@@ -30,4 +31,6 @@ if [[ $accel_config == - ]]; then
   exec "$PYTHON" "$recipe" --config "$recipe_config" "$@"
 fi
 [[ -f $accel_config ]] || { echo "launch/local.sh: $accel_config not found" >&2; exit 2; }
-exec "$ACCELERATE" launch --config_file "$accel_config" "$recipe" --config "$recipe_config" "$@"
+port=()
+if [[ -n ${MAIN_PROCESS_PORT:-} ]]; then port=(--main_process_port "$MAIN_PROCESS_PORT"); fi
+exec "$ACCELERATE" launch --config_file "$accel_config" "${port[@]}" "$recipe" --config "$recipe_config" "$@"

@@ -39,6 +39,15 @@ def run(args: list[str], timeout: float = 600, env: dict | None = None) -> subpr
     return proc
 
 
+def free_port() -> int:
+    """A free TCP port for the rendezvous: parallel test sessions must not share accelerate's 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def recipe_cmd(recipe: str, config: str, *overrides: str, accelerate_config: str | None = None) -> list[str]:
     script = str(ROOT / "recipes" / recipe)
     tail = [script, "--config", str(ROOT / "configs" / "recipes" / config), *overrides]
@@ -50,6 +59,8 @@ def recipe_cmd(recipe: str, config: str, *overrides: str, accelerate_config: str
         "launch",
         "--config_file",
         str(ROOT / "configs" / "accelerate" / accelerate_config),
+        "--main_process_port",
+        str(free_port()),
         *tail,
     ]
 

@@ -99,8 +99,10 @@ def test_cpu_ddp_starts_two_processes(tmp_path):
         "print('RANK', a.process_index, a.num_processes, a.distributed_type.value)\n"
     )
     cmd = recipe_cmd("x.py", "x.yaml", accelerate_config="cpu_ddp.yaml")
-    cmd = [*cmd[: cmd.index("--config_file") + 2], str(script)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT).stdout
+    cmd = [*cmd[: cmd.index("--main_process_port") + 2], str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = proc.stdout
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(line for line in out.splitlines() if line.startswith("RANK")) == [
         "RANK 0 2 MULTI_CPU",
         "RANK 1 2 MULTI_CPU",

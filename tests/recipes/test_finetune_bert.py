@@ -51,7 +51,7 @@ def test_tiny_two_processes_sharded_8bit(tmp_path):
     """Through launch/local.sh, as a user would: recipe, recipe config, accelerate config, overrides."""
     import sys
 
-    from ._run import ACCELERATE
+    from ._run import ACCELERATE, free_port
 
     out = tmp_path / "run"
     cmd = [
@@ -64,7 +64,8 @@ def test_tiny_two_processes_sharded_8bit(tmp_path):
         "optimizer.state_bits=8",
         *FAST,
     ]
-    proc = run(cmd, env={"PYTHON": sys.executable, "ACCELERATE": str(ACCELERATE)})
+    env = {"PYTHON": sys.executable, "ACCELERATE": str(ACCELERATE), "MAIN_PROCESS_PORT": str(free_port())}
+    proc = run(cmd, env=env)
     assert "MULTI_CPU x2" in proc.stdout and "state_bits=8, shard=True" in proc.stdout
     _check_outputs(out, 8)
 
@@ -160,6 +161,7 @@ def test_fsdp_on_cpu_fails_loudly(tmp_path):
         accelerate_config="fsdp2.yaml",
     )
     cmd[cmd.index("--config_file") + 2 : cmd.index("--config_file") + 2] = ["--num_processes", "2"]
+    assert "--main_process_port" in cmd
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "silently falls back to DDP" in proc.stdout + proc.stderr
