@@ -194,7 +194,9 @@ def main(cfg: Config) -> dict:
         plot = plot_curves(metrics.history, out / "curves.png", title=f"finetune_bert: {name}")
         say(format_table(final))
         say(f"plot:    {plot}\nmodel:   {model_dir}  (AutoModelForSequenceClassification.from_pretrained)")
-        say(f"metrics: {metrics_path}\nconfig:  {out / 'config.yaml'}\nlogs:    {out / 'logs'} (tensorboard)")
+        say(f"metrics: {metrics_path}\nconfig:  {out / 'config.yaml'}")
+        if accelerator.trackers:  # accelerate skips a tracker whose package is missing
+            say(f"logs:    {out / 'logs'} ({', '.join(t.name for t in accelerator.trackers)})")
     accelerator.end_training()
     return final
 

@@ -71,18 +71,20 @@ def test_tiny_two_processes_sharded_8bit(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_deepspeed_zero2(tmp_path):
+@pytest.mark.parametrize("ds_config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_tiny_deepspeed(tmp_path, ds_config):
     out = tmp_path / "run"
     cmd = recipe_cmd(
-        "finetune_bert.py",
-        "bert_tiny.yaml",
-        f"train.output_dir={out}",
-        *FAST,
-        accelerate_config="deepspeed_zero2.yaml",
+        "finetune_bert.py", "bert_tiny.yaml", f"train.output_dir={out}", *FAST, accelerate_config=ds_config
     )
     proc = run(cmd, timeout=900)  # the first DeepSpeed run JIT-builds a comm op (~2 min, cached)
     assert "DEEPSPEED x2" in proc.stdout
     _check_outputs(out, 8)
+    from transformers import AutoModelForSequenceClassification
+
+    # ZeRO-3 partitions the weights: save_pretrained must still get the full, gathered tensors
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert model.bert.embeddings.word_embeddings.weight.shape == (30522, 32)
 
 
 def test_resume_continues_steps_and_schedule(tmp_path):
