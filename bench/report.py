@@ -1,0 +1,595 @@
+"""Generate BENCHMARKS.md and the PNG plots from the JSON results in bench/results/.
+
+Nothing here measures anything and no number is typed by hand: every figure in BENCHMARKS.md comes
+from a results JSON written by one of the bench scripts (optim_step, optim_step_cuda, scaling,
+memory, e2e, zero). A missing JSON becomes a "not run" line; results taken with ``--quick`` are
+flagged as smoke-test sizes. The headline ratios (for the README) go into the marked block
+``<!-- bench:headline -->`` ... ``<!-- /bench:headline -->``.
+
+    python bench/report.py [--results bench/results] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import REPO, RESULTS_DIR
+
+HEADLINE_BEGIN, HEADLINE_END = "<!-- bench:headline -->", "<!-- /bench:headline -->"
+LIB_COLORS = {
+    "shardwise": "#1f77b4",
+    "torch": "#7f7f7f",
+    "deepspeed": "#2ca02c",
+    "bitsandbytes": "#d62728",
+    "torchao": "#9467bd",
+}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status", "ok") == "ok"]
+
+
+def _g(x: float, digits: int = 3) -> str:
+    """A number with ``digits`` significant figures, no exponent for everyday magnitudes."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _x(r: float) -> str:
+    return f"{r:.2f}x"
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.1f}"
+
+
+def _machine_line(doc: dict) -> str:
+    m = doc.get("machine", {})
+    dev = m.get("gpu") or f"{m.get('cpu_model', '?')}, {m.get('logical_cpus', '?')} logical CPUs"
+    threads = doc.get("config", {}).get("threads", m.get("torch_threads"))
+    return (
+        f"{dev}; {threads} threads; torch {m.get('torch', '?')}; {m.get('date', '?')}; "
+        f"git {m.get('git_sha', '?')}"
+    )
+
+
+def _quick_note(doc: dict) -> str:
+    if doc.get("config", {}).get("quick"):
+        return "\n> **Smoke-test sizes (`--quick`)**: these numbers are not representative.\n"
+    return ""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_name(doc: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in doc["rows"]}
+
+
+def _ratio(doc: dict, a: str, b: str, key: str = "median_ms") -> float | None:
+    rows = _by_name(doc)
+    ra, rb = rows.get(a, {}), rows.get(b, {})
+    if ra.get("status") == "ok" and rb.get("status") == "ok":
+        return ra[key] / rb[key]
+    return None
+
+
+# --------------------------------------------------------------------------------------- optim_step
+def optim_step_section(doc: dict, plots: Path, suffix: str = "") -> str:
+    cfg = doc["config"]
+    shape = "x".join(str(s) for s in cfg["shape"])
+    out = [
+        f"Step time of one `opt.step()` on {cfg['tensors']} x {shape} fp32 parameters "
+        f"({cfg['params'] / 1e6:.1f}M) on `{cfg['device']}`, all candidates in one process, "
+        f"{cfg['reps']} interleaved repetitions after {cfg['warmup']} warmup round(s)"
+        + (f", {cfg['inner_steps']} steps per timed sample. " if cfg.get("inner_steps", 1) > 1 else ". ")
+        + "Ratio = median step time / median of torch fused AdamW in the same run (lower is faster); "
+        "the range is the min-max of the per-repetition paired ratios.",
+        f"\nMeasured on: {_machine_line(doc)}.",
+        _quick_note(doc),
+    ]
+    rows = []
+    for r in doc["rows"]:
+        if r["status"] != "ok":
+            rows.append([r["label"], r["status"], "", "", ""])
+            continue
+        rng = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio_min" in r else ""
+        rows.append(
+            [
+                r["label"],
+                f"**{_x(r['ratio'])}**" if "ratio" in r else "",
+                rng,
+                f"{r['state_bytes_per_param']:.3f}",
+                f"{_g(r['median_ms'])} ({_g(r['min_ms'])}-{_g(r['max_ms'])})",
+            ]
+        )
+    out.append(
+        _table(["optimizer", "time / torch fused", "range", "state B/param", "median ms (min-max)"], rows)
+    )
+    matrix = variant_matrix(doc)
+    if matrix:
+        out += ["\nEach shardwise variant relative to plain AdamW of the same impl and state bits:\n", matrix]
+    png = plot_optim_step(doc, plots / f"optim_step{suffix}.png")
+    if png:
+        out.append(f"\n![optimizer step time ratios]({png})")
+    return "\n".join(out)
+
+
+def variant_matrix(doc: dict) -> str:
+    rows = [r for r in _ok(doc["rows"]) if r["library"] == "shardwise"]
+    if not rows:
+        return ""
+    key = lambda r: (r["impl"], r["variant"] + ("+amsgrad" if r["amsgrad"] else ""), r["state_bits"])
+    t = {key(r): r["median_ms"] for r in rows}
+    impls = [i for i in ("fused", "foreach", "reference") if any(k[0] == i for k in t)]
+    variants = list(dict.fromkeys(k[1] for k in t))
+    header = ["variant"] + [f"{i} {b}-bit" for i in impls for b in (32, 8)]
+    body = []
+    for v in variants:
+        cells = [v]
+        for i in impls:
+            for b in (32, 8):
+                base = t.get((i, "adam", b))
+                cells.append(_x(t[(i, v, b)] / base) if (i, v, b) in t and base else "")
+        body.append(cells)
+    return _table(header, body)
+
+
+def plot_optim_step(doc: dict, path: Path) -> str | None:
+    rows = [r for r in _ok(doc["rows"]) if "ratio" in r]
+    if not rows:
+        return None
+    plt = _plt()
+    rows = sorted(rows, key=lambda r: r["ratio"], reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2))
+    ax.barh(
+        [r["label"] for r in rows],
+        [r["ratio"] for r in rows],
+        xerr=[[r["ratio"] - r["ratio_min"] for r in rows], [r["ratio_max"] - r["ratio"] for r in rows]],
+        color=[LIB_COLORS.get(r["library"], "#333") for r in rows],
+    )
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    from matplotlib.patches import Patch
+
+    libs = dict.fromkeys(r["library"] for r in rows)
+    ax.legend(handles=[Patch(color=LIB_COLORS.get(lib, "#333"), label=lib) for lib in libs], fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("step time / torch fused AdamW (log scale; lower is faster)")
+    cfg = doc["config"]
+    ax.set_title(f"Optimizer step, {cfg['params'] / 1e6:.1f}M fp32 params, {cfg['device']}", fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    try:
+        return path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+# ------------------------------------------------------------------------------------------ scaling
+def scaling_section(doc: dict, plots: Path, suffix: str = "") -> str:
+    bw = doc["copy_bandwidth_bytes_per_s"]
+    out = [
+        "Step time and optimizer state vs parameter count, next to the memory-bandwidth bound "
+        "(bytes moved per step / measured copy bandwidth; "
+        + ", ".join(f"{k}-bit state: {v:g} B/param" for k, v in doc["bytes_moved_per_param"].items())
+        + f"; copy bandwidth {bw / 1e9:.1f} GB/s). `of bound` = bound / measured (1.0 = at the bound).",
+        f"\nMeasured on: {_machine_line(doc)}.",
+        _quick_note(doc),
+    ]
+    labels = list(dict.fromkeys(r["label"] for r in doc["rows"]))
+    sizes = sorted({r["params"] for r in doc["rows"]})
+    cell = {(r["label"], r["params"]): r for r in doc["rows"]}
+    body = []
+    for n in sizes:
+        row = [f"{n / 1e6:.1f}M"]
+        base = cell.get((labels[0], n), {})
+        for lab in labels:
+            r = cell.get((lab, n), {})
+            if r.get("status") != "ok":
+                row.append(r.get("status", ""))
+                continue
+            ratio = f"{r['median_ms'] / base['median_ms']:.2f}x, " if base.get("status") == "ok" else ""
+            row.append(f"{ratio}{_g(r['median_ms'])} ms, {r['fraction_of_bound']:.2f} of bound")
+        body.append(row)
+    out.append(
+        _table(["params"] + [f"{lab} (vs {labels[0]})" if i else lab for i, lab in enumerate(labels)], body)
+    )
+    png = plot_scaling(doc, plots / f"scaling{suffix}.png")
+    if png:
+        out.append(f"\n![step time and memory vs parameter count]({png})")
+    return "\n".join(out)
+
+
+def plot_scaling(doc: dict, path: Path) -> str | None:
+    rows = _ok(doc["rows"])
+    if not rows:
+        return None
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bounds_drawn = set()
+    for lab in dict.fromkeys(r["label"] for r in rows):
+        rs = sorted((r for r in rows if r["label"] == lab), key=lambda r: r["params"])
+        xs = [r["params"] for r in rs]
+        (line,) = ax1.plot(xs, [r["median_ms"] for r in rs], "o-", label=lab)
+        ax2.plot(xs, [r["state_bytes"] / 2**20 for r in rs], "o-", color=line.get_color(), label=lab)
+        bits = rs[0]["state_bits"]
+        if bits not in bounds_drawn:  # one bound per state width: it depends only on bytes moved
+            bounds_drawn.add(bits)
+            per_param = doc["bytes_moved_per_param"][str(bits)]
+            ax1.plot(
+                xs,
+                [r["bound_ms"] for r in rs],
+                ":",
+                color=line.get_color(),
+                label=f"bandwidth bound, {bits}-bit state ({per_param:g} B/param)",
+            )
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.set_ylabel("step time, ms (median)")
+    ax1.set_title(f"step time vs memory-bandwidth bound (dotted), {doc['config']['device']}", fontsize=10)
+    ax1.legend(fontsize=7)
+    ax2.set_ylabel("optimizer state, MiB")
+    ax2.set_title("optimizer state", fontsize=10)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+# ------------------------------------------------------------------------------------------- memory
+def memory_section(doc: dict, plots: Path) -> str:
+    cfg = doc["config"]
+    out = [
+        f"Peak resident memory (RSS high-water, a fresh process per optimizer) of {cfg['steps']} training "
+        f"steps of the GPT recipe's model (`{cfg['model']}`) at batch {cfg['batch_size']} x "
+        f"{cfg['seq_len']} tokens, synthetic ids; `over floor` = peak minus the forward + backward "
+        "only run.",
+        f"\nMeasured on: {_machine_line(doc)}.",
+        _quick_note(doc),
+    ]
+    ref = _by_name(doc).get("torch_adamw", {})
+    body = []
+    for r in doc["rows"]:
+        if r["status"] != "ok":
+            body.append([r["label"], r["status"], "", "", ""])
+            continue
+        vs = _x(r["peak_rss_bytes"] / ref["peak_rss_bytes"]) if ref.get("status") == "ok" else ""
+        body.append(
+            [
+                r["label"],
+                vs,
+                _gib(r["peak_rss_bytes"]),
+                _gib(r.get("peak_over_floor_bytes", 0)) if "peak_over_floor_bytes" in r else "",
+                f"{_mib(r['state_bytes'])} ({r['state_bytes_per_param']:.2f} B/param)",
+            ]
+        )
+    out.append(
+        _table(["optimizer", "peak / torch AdamW", "peak RSS GiB", "over floor GiB", "state MiB"], body)
+    )
+    png = plot_memory(doc, plots / "memory.png")
+    if png:
+        out.append(f"\n![peak memory per optimizer]({png})")
+    return "\n".join(out)
+
+
+def plot_memory(doc: dict, path: Path) -> str | None:
+    rows = _ok(doc["rows"])
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    labels = [r["label"] for r in rows]
+    peak = [r["peak_rss_bytes"] / 2**30 for r in rows]
+    state = [r["state_bytes"] / 2**30 for r in rows]
+    ax.barh(labels, peak, color="#aec7e8", label="peak RSS")
+    ax.barh(labels, state, color="#1f77b4", label="of which optimizer state")
+    ax.set_xlabel("GiB")
+    ax.set_title(f"Peak memory, {doc['config']['model']}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+# ---------------------------------------------------------------------------------------------- e2e
+def e2e_section(doc: dict, plots: Path) -> str:
+    cfg = doc["config"]
+    out = [
+        f"Training throughput of the BERT recipe's model (`{cfg['model']}`, {cfg['num_labels']} labels) at "
+        f"batch {cfg['batch_size']} x {cfg['seq_len']} tokens, synthetic data identical for every row; "
+        f"{cfg['rounds']} interleaved rounds of {cfg['steps_per_round']} timed steps each. Ratio = samples/s "
+        "/ samples/s of the plain loop with torch fused AdamW (higher is faster).",
+        f"\nMeasured on: {_machine_line(doc)}.",
+        _quick_note(doc),
+    ]
+    body = []
+    for r in doc["rows"]:
+        if r["status"] != "ok":
+            body.append([r["label"], r["status"], "", ""])
+            continue
+        body.append(
+            [
+                r["label"],
+                f"**{_x(r['ratio'])}**" if "ratio" in r else "",
+                f"{_g(r['samples_per_s'])} ({_g(r['samples_per_s_min'])}-{_g(r['samples_per_s_max'])})",
+                _mib(r["state_bytes"]),
+            ]
+        )
+    out.append(_table(["loop, optimizer", "samples/s ratio", "samples/s (min-max)", "state MiB"], body))
+    png = plot_e2e(doc, plots / "e2e.png")
+    if png:
+        out.append(f"\n![end-to-end samples/s]({png})")
+    return "\n".join(out)
+
+
+def plot_e2e(doc: dict, path: Path) -> str | None:
+    rows = _ok(doc["rows"])
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    ax.barh(
+        [r["label"] for r in rows],
+        [r["samples_per_s"] for r in rows],
+        xerr=[
+            [r["samples_per_s"] - r["samples_per_s_min"] for r in rows],
+            [r["samples_per_s_max"] - r["samples_per_s"] for r in rows],
+        ],
+        color=["#1f77b4" if "shardwise" in r["name"] else "#7f7f7f" for r in rows],
+    )
+    ax.set_xlabel("samples/s (median, min-max over rounds)")
+    ax.set_title(f"End-to-end training, {doc['config']['model']}", fontsize=10)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+# --------------------------------------------------------------------------------------------- zero
+def zero_section(doc: dict) -> str:
+    out = [
+        "ZeRO-1 (bench/zero.py): per-rank optimizer state and step time, 1 vs 2 ranks (gloo processes "
+        f"on one machine), {doc['params'] / 1e6:.1f}M fp32 params, {doc.get('cpus', '?')} CPUs, torch "
+        f"{doc.get('torch', '?')}. Ratios are against torch AdamW (DDP, every rank keeps all state) "
+        "on 1 rank.",
+        "",
+    ]
+    body = [
+        [
+            str(r["world"]),
+            r["variant"],
+            _x(r["mem_ratio"]),
+            _x(r["time_ratio"]),
+            _mib(r["state_bytes_per_rank_max"]),
+            _g(r["step_ms_median_slowest_rank"]),
+        ]
+        for r in doc["rows"]
+    ]
+    out.append(
+        _table(
+            [
+                "ranks",
+                "optimizer",
+                "state / rank ratio",
+                "time ratio",
+                "state MiB / rank",
+                "step ms (slowest rank)",
+            ],
+            body,
+        )
+    )
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ quality
+def quality_section(doc: dict, results: Path) -> str:
+    """bench/quality_8bit.py's runs (the demo fine-tune with 32- and 8-bit state): final metrics."""
+    body = []
+    for r in doc["runs"]:
+        f = r["final"]
+        acc, f1 = f.get("eval/accuracy"), f.get("eval/macro_f1")
+        body.append(
+            [
+                r["variant"],
+                f"{r['state_bits']}-bit",
+                f"{acc:.4f}" if acc is not None else "",
+                f"{f1:.4f}" if f1 is not None else "",
+                f"{r['train_loss'][-1][1]:.4f}" if r.get("train_loss") else "",
+            ]
+        )
+    out = [
+        "Accuracy cost of 8-bit state (bench/quality_8bit.py, run separately: it trains the demo "
+        "fine-tune, MiniLM on Reuters R8, once per state width with the same seed and data order).",
+        "",
+        _table(["variant", "state", "eval accuracy", "eval macro-F1", "final train loss"], body),
+    ]
+    png = results / "quality_8bit.png"
+    if png.exists():
+        try:
+            rel = png.resolve().relative_to(REPO).as_posix()
+        except ValueError:
+            rel = png.as_posix()
+        out.append(f"\n![32- vs 8-bit loss curves]({rel})")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------- headline
+def headline(docs: dict[str, dict | None]) -> str:
+    """The few ratios a README quotes, each with where it was measured."""
+    lines = []
+    step = docs.get("optim_step")
+    if step:
+        n = f"{step['config']['params'] / 1e6:.1f}M params, {step['config']['threads']} CPU threads"
+        fused32 = _ratio(step, "shardwise_fused_adam_32bit", "torch_fused")
+        fused8 = _ratio(step, "shardwise_fused_adam_8bit", "torch_fused")
+        if fused32:
+            lines.append(
+                f"- Optimizer step, fp32 state: shardwise fused AdamW takes **{_x(fused32)}** the time "
+                f"of torch's fused AdamW ({n})."
+            )
+        if fused8:
+            rest = []
+            for anchor, label in (
+                ("bnb_adamw8bit", "bitsandbytes AdamW8bit"),
+                ("torchao_adamw8bit", "torchao AdamW8bit"),
+            ):
+                r = _ratio(step, anchor, "shardwise_fused_adam_8bit")
+                if r:
+                    rest.append(f"**{r:.0f}x** faster than {label}")
+            bpp = _by_name(step)["shardwise_fused_adam_8bit"]["state_bytes_per_param"]
+            lines.append(
+                f"- 8-bit state ({bpp:.2f} B/param vs 8): **{_x(fused8)}** torch fused fp32 time"
+                + (", " + " and ".join(rest) if rest else "")
+                + "."
+            )
+        worst = []
+        for bits in (32, 8):
+            for r in _ok(step["rows"]):
+                if r["library"] == "shardwise" and r["impl"] == "fused" and r["state_bits"] == bits:
+                    base = _ratio(step, r["name"], f"shardwise_fused_adam_{bits}bit")
+                    if base:
+                        worst.append(base)
+        if worst:
+            lines.append(
+                f"- Every variant (AMSGrad, RAdam, AdaBelief; 32- and 8-bit): at most **{_x(max(worst))}** "
+                "the time of plain AdamW with the same state."
+            )
+    mem = docs.get("memory")
+    if mem:
+        a = _by_name(mem).get("torch_adamw", {})
+        b = _by_name(mem).get("shardwise_8bit", {})
+        if a.get("status") == "ok" and b.get("status") == "ok":
+            lines.append(
+                f"- Peak training memory, {mem['config']['model']}: {_gib(b['peak_rss_bytes'])} GiB with "
+                f"shardwise 8-bit vs {_gib(a['peak_rss_bytes'])} GiB with torch AdamW "
+                f"(optimizer state {_mib(b['state_bytes'])} vs {_mib(a['state_bytes'])} MiB)."
+            )
+    e2e = docs.get("e2e")
+    if e2e:
+        rows = _by_name(e2e)
+        parts = [
+            f"{rows[n]['label']} **{_x(rows[n]['ratio'])}**"
+            for n in ("loop_shardwise_8bit", "loop_shardwise_32bit", "trainer_torch_fused")
+            if rows.get(n, {}).get("ratio")
+        ]
+        if parts:
+            lines.append(
+                f"- End-to-end samples/s, {e2e['config']['model']} (vs plain loop + torch fused AdamW): "
+                + "; ".join(parts)
+                + "."
+            )
+    if not lines:
+        lines.append("- No results yet: run `bench/run_all.sh`.")
+    src = step or mem or e2e
+    if src:
+        lines.append(f"\n<sub>Measured on {_machine_line(src)}. Details: BENCHMARKS.md.</sub>")
+    return "\n".join([HEADLINE_BEGIN, *lines, HEADLINE_END])
+
+
+# --------------------------------------------------------------------------------------------- main
+def render(results: Path, plots: Path | None = None) -> str:
+    plots = plots or results
+    names = (
+        "optim_step",
+        "optim_step_cuda",
+        "scaling",
+        "scaling_cuda",
+        "memory",
+        "e2e",
+        "zero",
+        "quality_8bit",
+    )
+    docs = {n: _load(results, n) for n in names}
+    quick = any((d or {}).get("config", {}).get("quick") for d in docs.values())
+    parts = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by bench/report.py from bench/results/*.json. Do not edit by hand; run "
+        "`bench/run_all.sh` (or `make bench`). -->",
+        "",
+        "How to read: every table compares candidates measured in ONE process with interleaved "
+        "repetitions; read the ratios, not the absolute times, which depend on the machine and its load.",
+        "",
+    ]
+    if quick:
+        parts += ["> **Some results below were taken with `--quick` (smoke-test sizes).**", ""]
+    parts += ["## Headline", "", headline(docs), ""]
+    sections = [
+        ("Optimizer step (CPU)", "optim_step", lambda d: optim_step_section(d, plots)),
+        ("Optimizer step (CUDA)", "optim_step_cuda", lambda d: optim_step_section(d, plots, "_cuda")),
+        ("Scaling with parameter count (CPU)", "scaling", lambda d: scaling_section(d, plots)),
+        ("Scaling with parameter count (CUDA)", "scaling_cuda", lambda d: scaling_section(d, plots, "_cuda")),
+        ("Training memory", "memory", lambda d: memory_section(d, plots)),
+        ("End-to-end throughput", "e2e", lambda d: e2e_section(d, plots)),
+        ("ZeRO-1 sharding", "zero", zero_section),
+        ("8-bit state: training quality", "quality_8bit", lambda d: quality_section(d, results)),
+    ]
+    for title, name, fn in sections:
+        parts += [f"## {title}", ""]
+        doc = docs[name]
+        if doc is None:
+            how = "`bash bench/gpu.sh` on a CUDA machine" if name.endswith("cuda") else f"`bench/{name}.py`"
+            parts += [f"Not run: `{name}.json` is not in the results (run {how}).", ""]
+        else:
+            parts += [fn(doc), ""]
+    parts += [
+        "## Reproduce",
+        "",
+        "```",
+        "bash bench/run_all.sh          # all CPU benchmarks at full size, then this report",
+        "bash bench/gpu.sh              # on a CUDA machine: the optimizer benchmarks on the GPU",
+        "python bench/report.py         # regenerate BENCHMARKS.md and plots from bench/results/*.json",
+        "```",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    text = render(args.results)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

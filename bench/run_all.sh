@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# `make bench`: every CPU benchmark at full size, then BENCHMARKS.md and the plots from the JSON.
+#
+#   bash bench/run_all.sh                     # all (about 12-15 minutes on 2 cores; run it on a quiet machine)
+#   bash bench/run_all.sh optim_step report   # a subset, by script name
+#
+# Each script writes bench/results/<name>.json; report.py turns all of them into BENCHMARKS.md and
+# bench/results/*.png. A script that fails does not stop the others; the exit status says so.
+# Timings are only meaningful when nothing else loads the machine.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+
+declare -A ARGS=(
+  [optim_step]="--reps 5 --warmup 2"   # 16 x 1024x1024 fp32, 2 threads, every candidate interleaved
+  [scaling]="--max 256"                # 1M..256M params, ~7 GB RAM at the top
+  [memory]=""                          # SmolLM2-135M, 4 x 256 tokens, a fresh process per optimizer
+  [e2e]=""                             # MiniLM, 32 x 32 tokens, plain loop vs HF Trainer
+  [zero]=""                            # bench/zero.py: ZeRO-1 on 1 vs 2 gloo ranks
+  [report]=""
+)
+ORDER=(optim_step scaling memory e2e zero report)
+[ $# -gt 0 ] && ORDER=("$@")
+
+failed=()
+for name in "${ORDER[@]}"; do
+  [ -n "${ARGS[$name]+x}" ] || { echo "unknown benchmark: $name (one of: ${!ARGS[*]})"; exit 2; }
+  echo "=== bench/$name.py ${ARGS[$name]}"
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  "$PY" "bench/$name.py" ${ARGS[$name]} || failed+=("$name")
+  echo "=== $name: $((SECONDS - start)) s"
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "done: BENCHMARKS.md and bench/results/"
