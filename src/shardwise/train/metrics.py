@@ -58,17 +58,26 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
         for k, v in rec.items():
             if k not in ("step", "train/lr", "train/epoch") and isinstance(v, (int, float)):
                 series[k].append((rec["step"], v))
-    names = sorted(series, key=lambda n: (n != "train/loss", n))
-    cols = min(3, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / cols))
+    # one panel for the losses (train and eval together), one per other metric; a shared step axis so
+    # that a single end-of-run evaluation still shows where it happened
+    panels = [[n for n in ("train/loss", "eval/loss") if n in series]]
+    panels += [[n] for n in sorted(series) if n not in ("train/loss", "eval/loss")]
+    panels = [p for p in panels if p]
+    last = max((rec["step"] for rec in history), default=1)
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=False):
-        xs, ys = zip(*series[name], strict=True)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_title(name)
+    for ax, names in zip(axes.flat, panels, strict=False):
+        for name in names:
+            xs, ys = zip(*series[name], strict=True)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+        ax.set_title(" / ".join(names))
         ax.set_xlabel("optimizer step")
+        ax.set_xlim(0, last * 1.03)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names) :]:
+        if len(names) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
