@@ -191,7 +191,9 @@ def main(cfg: Config) -> dict:
     metrics_path = metrics.write(out, final)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(model_dir)
-        plot = plot_curves(metrics.history, out / "curves.png", title=f"finetune_bert: {cfg.model.name_or_path}")
+        plot = plot_curves(
+            metrics.history, out / "curves.png", title=f"finetune_bert: {cfg.model.name_or_path}"
+        )
         say(format_table(final))
         say(f"plot:    {plot}\nmodel:   {model_dir}  (AutoModelForSequenceClassification.from_pretrained)")
         say(f"metrics: {metrics_path}\nconfig:  {out / 'config.yaml'}")

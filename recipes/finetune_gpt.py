@@ -202,7 +202,9 @@ def main(cfg: Config) -> dict:
         (out / "samples.txt").write_text("\n\n-----\n\n".join(samples) + "\n")
         for s in samples:
             say(f"--- sample ---\n{s}")
-        plot = plot_curves(metrics.history, out / "curves.png", title=f"finetune_gpt: {cfg.model.name_or_path}")
+        plot = plot_curves(
+            metrics.history, out / "curves.png", title=f"finetune_gpt: {cfg.model.name_or_path}"
+        )
         say(format_table(final))
         say(f"plot:    {plot}\nmodel:   {model_dir}  (AutoModelForCausalLM.from_pretrained)")
         say(f"metrics: {metrics_path}\nconfig:  {out / 'config.yaml'}")
