@@ -257,6 +257,11 @@ def train_loss(r, epoch: int) -> float:
     return sum(pts) / len(pts)
 
 
+# The fixture trains 8 optimizers inside the first test that uses it: ~4 CPU-minutes single-threaded,
+# 2-3 minutes on 2 idle cores, but 15-20 minutes measured on 2 cores shared with other jobs.
+REGRESSION_TIMEOUT = 2400
+
+
 @pytest.fixture(scope="module")
 def regression(tmp_path_factory):
     if not DEBIAN_FASHION_MNIST_DIR.is_dir() and not os.environ.get("SHARDWISE_FASHION_MNIST_DIR"):
@@ -267,16 +272,18 @@ def regression(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(REGRESSION_TIMEOUT)
 @pytest.mark.parametrize("name", list(MEASURED_FINAL))
 def test_cpu_regression_accuracy_floor(regression, name):
     r = regression[name]
     assert r.final_accuracy >= floor(name), (
         f"{name}: final accuracy {r.final_accuracy:.4f} < {floor(name):.4f}"
     )
-    assert r.steps == 189 and math.isfinite(r.history[-1]["train/loss"])
+    assert r.steps == 189 and math.isfinite(train_loss(r, 2))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(REGRESSION_TIMEOUT)
 def test_cpu_regression_seed_claims(regression):
     r = regression
     # "Adam ahead of plain SGD early" (seed: 71% vs 45% after 10 of 100 epochs). At this scale the test
