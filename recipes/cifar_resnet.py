@@ -477,7 +477,9 @@ def plot_comparison(results: list[RunResult], path: Path, title: str) -> Path:
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, label=r.name, marker="o" if len(xs) < 30 else None, markersize=3)
-    for ax, (_, name) in zip(axes, panels, strict=True):
+    for ax, (key, name) in zip(axes, panels, strict=True):
+        if key.endswith("loss"):
+            ax.set_yscale("log")  # early spikes (BN statistics after a few steps) would flatten the rest
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
