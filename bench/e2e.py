@@ -16,7 +16,7 @@ process: each round runs ``--steps`` timed steps of every candidate (rotating or
 untimed step; we report the median and min-max of per-round samples/s and ratios to the plain loop
 with torch fused AdamW.
 
-    python bench/e2e.py [--rounds 3] [--steps 8]
+    python bench/e2e.py [--rounds 3] [--steps 5]
     python bench/e2e.py --quick        # a tiny BERT, seconds; what the tests run
 """
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32, help="the BERT recipe's batch")
     parser.add_argument("--seq-len", type=int, default=32, help="the BERT recipe's max_length")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per candidate per round")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per candidate per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma list of candidates: " + ",".join(CANDIDATES))
     parser.add_argument("--quick", action="store_true", help="tiny model for a smoke test (seconds)")

@@ -489,6 +489,21 @@ def headline(docs: dict[str, dict | None]) -> str:
                 f"- Every variant (AMSGrad, RAdam, AdaBelief; 32- and 8-bit): at most **{_x(max(worst))}** "
                 "the time of plain AdamW with the same state."
             )
+    cuda = docs.get("optim_step_cuda")
+    if cuda:
+        gpu = cuda["machine"].get("gpu", "CUDA")
+        parts = []
+        for name, label in (
+            ("shardwise_fused_adam_32bit", "fused 32-bit"),
+            ("shardwise_fused_adam_8bit", "8-bit"),
+        ):
+            r = _ratio(cuda, name, "torch_fused")
+            if r:
+                parts.append(f"{label} **{_x(r)}**")
+        if parts:
+            lines.append(
+                f"- On {gpu}: shardwise AdamW step time vs torch fused AdamW: " + ", ".join(parts) + "."
+            )
     mem = docs.get("memory")
     if mem:
         a = _by_name(mem).get("torch_adamw", {})
@@ -511,6 +526,20 @@ def headline(docs: dict[str, dict | None]) -> str:
             lines.append(
                 f"- End-to-end samples/s, {e2e['config']['model']} (vs plain loop + torch fused AdamW): "
                 + "; ".join(parts)
+                + "."
+            )
+    zero = docs.get("zero")
+    if zero:
+        two = {r["variant"]: r for r in zero["rows"] if r["world"] == 2}
+        parts = [
+            f"{label} **{_x(two[v]['mem_ratio'])}**"
+            for v, label in (("shardwise_zero1", "32-bit"), ("shardwise_zero1_8bit", "8-bit"))
+            if v in two
+        ]
+        if parts:
+            lines.append(
+                "- ZeRO-1 on 2 ranks: optimizer state per rank vs unsharded fp32 AdamW: "
+                + ", ".join(parts)
                 + "."
             )
     if not lines:
@@ -573,6 +602,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         "```",
         "bash bench/run_all.sh          # all CPU benchmarks at full size, then this report",
         "bash bench/gpu.sh              # on a CUDA machine: the optimizer benchmarks on the GPU",
+        "python bench/quality_8bit.py   # 32- vs 8-bit state on the demo fine-tune (separate: ~20 min)",
         "python bench/report.py         # regenerate BENCHMARKS.md and plots from bench/results/*.json",
         "```",
         "",

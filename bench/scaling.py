@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                 errors[name] = unavailable(e)
         times = interleaved({k: o.step for k, o in opts.items()}, args.reps, args.warmup, args.device)
         rss = _rss()
+        gpu_peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
         for name, (label, bits) in CANDIDATES.items():
             row = {"name": name, "label": label, "state_bits": bits, "params": n}
             err = errors.get(name) or times.get(f"{name}!")
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bound_ms=1e3 * BYTES_MOVED[bits] * n / bandwidth,
                 process_rss_bytes=rss,
             )
+            if gpu_peak is not None:
+                row["cuda_max_allocated_bytes"] = gpu_peak  # all candidates of this size together
             row["fraction_of_bound"] = row["bound_ms"] / row["median_ms"]
             rows.append(row)
             log(
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
             )
         del opts, params
         gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
     payload = {
         "benchmark": "scaling",
