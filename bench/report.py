@@ -321,7 +321,7 @@ def plot_memory(doc: dict, path: Path) -> str | None:
     ax.barh(labels, state, color="#1f77b4", label="of which optimizer state")
     ax.set_xlabel("GiB")
     ax.set_title(f"Peak memory, {doc['config']['model']}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     ax.invert_yaxis()
     fig.tight_layout()
     return _save(fig, path, plt)
@@ -469,8 +469,12 @@ def headline(docs: dict[str, dict | None]) -> str:
                 ("torchao_adamw8bit", "torchao AdamW8bit"),
             ):
                 r = _ratio(step, anchor, "shardwise_fused_adam_8bit")
-                if r:
-                    rest.append(f"**{r:.0f}x** faster than {label}")
+                if r and r >= 1:
+                    rest.append(
+                        f"**{r:.0f}x** faster than {label}" if r >= 10 else f"**{_x(r)}** faster than {label}"
+                    )
+                elif r:
+                    rest.append(f"**{_x(1 / r)}** slower than {label}")
             bpp = _by_name(step)["shardwise_fused_adam_8bit"]["state_bytes_per_param"]
             lines.append(
                 f"- 8-bit state ({bpp:.2f} B/param vs 8): **{_x(fused8)}** torch fused fp32 time"

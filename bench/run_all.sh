@@ -3,6 +3,8 @@
 #
 #   bash bench/run_all.sh                     # all (about 12-15 minutes on 2 cores; run it on a quiet machine)
 #   bash bench/run_all.sh optim_step report   # a subset, by script name
+#   QUICK=1 bash bench/run_all.sh             # smoke test of the whole pipeline (tiny sizes, a few minutes);
+#                                             # writes to $TMPDIR/shardwise-bench-quick, not bench/results
 #
 # Each script writes bench/results/<name>.json; report.py turns all of them into BENCHMARKS.md and
 # bench/results/*.png. A script that fails does not stop the others; the exit status says so.
@@ -23,6 +25,15 @@ declare -A ARGS=(
 ORDER=(optim_step scaling memory e2e zero report)
 [ $# -gt 0 ] && ORDER=("$@")
 
+results=bench/results
+if [ "${QUICK:-0}" = 1 ]; then
+  results="${TMPDIR:-/tmp}/shardwise-bench-quick"
+  mkdir -p "$results"
+  for name in optim_step scaling memory e2e; do ARGS[$name]="--quick --out $results/$name.json"; done
+  ARGS[zero]="--params-m 0.5 --steps 2 --warmup 1 --out $results/zero.json"
+  ARGS[report]="--results $results --out $results/BENCHMARKS.md"
+fi
+
 failed=()
 for name in "${ORDER[@]}"; do
   [ -n "${ARGS[$name]+x}" ] || { echo "unknown benchmark: $name (one of: ${!ARGS[*]})"; exit 2; }
@@ -36,4 +47,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]}"
   exit 1
 fi
-echo "done: BENCHMARKS.md and bench/results/"
+echo "done: results in $results, report in $([ "$results" = bench/results ] && echo BENCHMARKS.md || echo "$results/BENCHMARKS.md")"
