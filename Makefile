@@ -37,8 +37,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check src tests bench recipes
 
+# Benchmarks (not tests): anchors need the bench extras (bitsandbytes, torchao; no torch pulled).
 bench: $(STAMP)
-	$(PY) bench/optim_step.py
+	$(PY) -m pip install -q -e ".[bench]"
+	bash bench/run_all.sh
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

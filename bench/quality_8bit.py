@@ -26,10 +26,15 @@ RESULTS = ROOT / "bench" / "results"
 def run(variant: str, bits: int, max_steps: int | None, out_root: Path) -> dict:
     out = out_root / f"{variant}_{bits}bit"
     cmd = [
-        sys.executable, str(ROOT / "recipes" / "finetune_bert.py"),
-        "--config", str(ROOT / "configs" / "recipes" / "bert_minilm_r8.yaml"),
-        f"optimizer.state_bits={bits}", f"optimizer.variant={variant}",
-        f"train.output_dir={out}", "train.progress=false", "train.report_to=[]",
+        sys.executable,
+        str(ROOT / "recipes" / "finetune_bert.py"),
+        "--config",
+        str(ROOT / "configs" / "recipes" / "bert_minilm_r8.yaml"),
+        f"optimizer.state_bits={bits}",
+        f"optimizer.variant={variant}",
+        f"train.output_dir={out}",
+        "train.progress=false",
+        "train.report_to=[]",
     ]
     if max_steps:
         cmd.append(f"train.max_steps={max_steps}")
@@ -51,7 +56,9 @@ def plot(runs: list[dict], path: Path) -> None:
         steps, losses = zip(*r["train_loss"])
         style = "-" if r["state_bits"] == 32 else "--"
         acc = r["final"].get("eval/accuracy")
-        label = f"{r['variant']} {r['state_bits']}-bit" + (f" (eval acc {acc:.3f})" if acc is not None else "")
+        label = f"{r['variant']} {r['state_bits']}-bit" + (
+            f" (eval acc {acc:.3f})" if acc is not None else ""
+        )
         ax.plot(steps, losses, style, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss")
