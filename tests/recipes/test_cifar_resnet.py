@@ -2,7 +2,7 @@
 
 The regression (`slow`) runs configs/recipes/cifar_resnet18_fmnist_cpu.yaml as it is: ResNet-18 at
 width 1/8 on 4,000 Fashion-MNIST training images for 3 epochs, every optimizer of the comparison from
-the same initialization. Floors are the lowest accuracy measured over seeds 0-2 minus a margin (see
+the same initialization. Floors and ceilings come from seeds 0-2 with margins (see
 docs/cifar.md for the measured numbers and the choice of margins).
 """
 
@@ -228,26 +228,33 @@ def test_missing_data_fails_with_where_to_put_it(tmp_path):
 
 # ------------------------------------------------------------------------------- CPU regression (slow)
 
-# Final test accuracy of configs/recipes/cifar_resnet18_fmnist_cpu.yaml measured with train.seed=0 and 1
-# (docs/cifar.md). The test runs seed 0, but a different CPU, thread count or torch build changes the
-# float round-off and, after 189 steps at a constant learning rate, the trajectory: treat a CI run as a
-# fresh seed. Floor = lowest measured - spread between the seeds - MARGIN.
-MARGIN = 0.05
-MEASURED_FINAL = {
-    "sgd": (0.509, 0.697),
-    "sgd_momentum": (0.764, 0.709),
-    "adam": (0.741, 0.748),
-    "adamw": (0.721, 0.727),
-    "amsgrad": (0.730, 0.732),
-    "radam": (0.558, 0.600),
-    "adabelief": (0.715, 0.716),
-    "adamw_8bit": (0.711, 0.729),
+# Measured with configs/recipes/cifar_resnet18_fmnist_cpu.yaml and train.seed=0, 1, 2 (docs/cifar.md):
+# (test accuracy, best of the evaluations after epochs 2 and 3), (mean training loss over epoch 3).
+# The test runs seed 0, but another CPU, thread count or torch build changes the round-off and, over
+# 189 constant-learning-rate steps, the trajectory: a CI run is a fresh seed. Seed 2 (measured after
+# floors had been set from seeds 0-1) took Adam 7 points below the other two, hence wide margins:
+# accuracy floor = lowest measured - 0.10, training-loss ceiling = highest measured + 0.15. The best of
+# the last two evaluations absorbs the one-evaluation dips of constant-lr SGD (BatchNorm running
+# statistics; plain SGD once read 15% between a 52% and a 70%). Chance: 10% and ln 10 = 2.30 nats.
+ACC_MARGIN, LOSS_MARGIN = 0.10, 0.15
+MEASURED = {
+    "sgd": ((0.561, 0.697, 0.634), (0.917, 0.867, 0.977)),
+    "sgd_momentum": ((0.765, 0.709, 0.712), (0.764, 0.754, 0.737)),
+    "adam": ((0.741, 0.748, 0.676), (0.752, 0.753, 0.770)),
+    "adamw": ((0.721, 0.727, 0.707), (0.752, 0.747, 0.774)),
+    "amsgrad": ((0.730, 0.733, 0.711), (0.752, 0.744, 0.768)),
+    "radam": ((0.559, 0.600, 0.547), (1.473, 1.402, 1.577)),
+    "adabelief": ((0.716, 0.716, 0.717), (0.806, 0.802, 0.850)),
+    "adamw_8bit": ((0.711, 0.729, 0.695), (0.751, 0.751, 0.762)),
 }
 
 
-def floor(name: str) -> float:
-    lo, hi = min(MEASURED_FINAL[name]), max(MEASURED_FINAL[name])
-    return lo - (hi - lo) - MARGIN
+def accuracy_floor(name: str) -> float:
+    return min(MEASURED[name][0]) - ACC_MARGIN
+
+
+def loss_ceiling(name: str) -> float:
+    return max(MEASURED[name][1]) + LOSS_MARGIN
 
 
 def train_loss(r, epoch: int) -> float:
@@ -273,13 +280,14 @@ def regression(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(REGRESSION_TIMEOUT)
-@pytest.mark.parametrize("name", list(MEASURED_FINAL))
+@pytest.mark.parametrize("name", list(MEASURED))
 def test_cpu_regression_accuracy_floor(regression, name):
     r = regression[name]
-    assert r.final_accuracy >= floor(name), (
-        f"{name}: final accuracy {r.final_accuracy:.4f} < {floor(name):.4f}"
-    )
-    assert r.steps == 189 and math.isfinite(train_loss(r, 2))
+    assert r.steps == 189
+    acc = max(h["eval/accuracy"] for h in r.history if h["step"] in (126, 189) and "eval/accuracy" in h)
+    loss = train_loss(r, 2)
+    assert loss <= loss_ceiling(name), f"{name}: epoch-3 training loss {loss:.4f} > {loss_ceiling(name):.4f}"
+    assert acc >= accuracy_floor(name), f"{name}: test accuracy {acc:.4f} < floor {accuracy_floor(name):.4f}"
 
 
 @pytest.mark.slow
@@ -289,7 +297,8 @@ def test_cpu_regression_seed_claims(regression):
     # "Adam ahead of plain SGD early" (seed: 71% vs 45% after 10 of 100 epochs). At this scale the test
     # accuracy after 10% of the steps (step 19) is dominated by BatchNorm running statistics that have
     # seen 19 batches, so the claim is checked on the training loss over the first epoch, where Adam led
-    # by 0.09 and 0.14 nats (seeds 0, 1), and on the test accuracy after epoch 1 (+1.4, +10.2 points).
+    # by 0.09, 0.15 and 0.13 nats (seeds 0-2), and on the test accuracy after epoch 1 (+1.4, +10.2,
+    # +29.4 points), with a 3-point tolerance.
     assert train_loss(r["adam"], 0) < train_loss(r["sgd"], 0)
     at_epoch_1 = {
         n: next(h["eval/accuracy"] for h in r[n].history if h["step"] == r[n].updates_per_epoch)
@@ -298,8 +307,8 @@ def test_cpu_regression_seed_claims(regression):
     assert at_epoch_1["adam"] >= at_epoch_1["sgd"] - 0.03, at_epoch_1
     # "AdamW >= Adam" (seed: 89.1% vs 86.7%). Over 189 steps decoupled decay shrinks the weights by
     # lr * wd * steps = 0.2% in all, so the two are the same algorithm up to noise here: measured, the
-    # last-epoch training losses agree to 0.006 nats and AdamW's test accuracy was 2.0 / 2.1 points
-    # lower. Tolerances: 0.03 nats and 4 points (twice the measured gap).
+    # last-epoch training losses agreed to 0.006 nats; AdamW's test accuracy was 2.0 and 2.1 points lower
+    # (seeds 0, 1) and 3.6 points higher (seed 2). Tolerances: 0.03 nats and 4 points.
     assert train_loss(r["adamw"], 2) <= train_loss(r["adam"], 2) + 0.03
     assert r["adamw"].final_accuracy >= r["adam"].final_accuracy - 0.04
     # momentum helps SGD (seed: 88.4% vs 72.3%): in training loss; the test accuracy is noisier
