@@ -23,8 +23,15 @@ from shardwise.config import parse_args, save_config
 from shardwise.data.assets import resolve
 from shardwise.data.text import ClassificationDataConfig, load_classification
 from shardwise.train.accel import configure_deepspeed, describe, make_accelerator
-from shardwise.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from shardwise.train.checkpoint import (
+    check_output_dir,
+    find_checkpoint,
+    load_checkpoint,
+    read_progress,
+    save_checkpoint,
+)
 from shardwise.train.config import ModelConfig, OptimizerConfig, TrainConfig
+from shardwise.train.errors import exit_on_error
 from shardwise.train.loop import (
     build_optimizer,
     describe_optimizer,
@@ -68,6 +75,9 @@ def main(cfg: Config) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train, str(out))
+    # before anything is written: never mix this run into another one's checkpoints
+    resume, overwrite = cfg.train.resume_from_checkpoint, cfg.train.overwrite
+    check_output_dir(out, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
     set_seed(cfg.train.seed)
     say = accelerator.print
     say(f"== finetune_bert: {describe(accelerator)}")
@@ -111,10 +121,11 @@ def main(cfg: Config) -> dict:
         model, optimizer, train_dl, eval_dl, scheduler
     )
 
-    start_step = 0
+    start_step, skipped_total = 0, 0  # skipped: updates the divergence guard skipped (non-finite)
     if cfg.train.resume_from_checkpoint is not None:
         path = find_checkpoint(out, cfg.train.resume_from_checkpoint)
         start_step = load_checkpoint(accelerator, path)
+        skipped_total = read_progress(path).get("meta", {}).get("skipped_steps", 0)
         say(f"resumed from {path} at step {start_step} (lr {scheduler.get_last_lr()[0]:.3g})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -148,23 +159,32 @@ def main(cfg: Config) -> dict:
     step, window, last_eval_step = start_step, [], -1  # window: per-update losses since the last log
     t_train = time.perf_counter()
     # each iteration = one optimizer update (accumulation, clipping, LR schedule: shardwise.train.loop)
-    for step, epoch, loss in optimizer_steps(
+    # (a skipped update had a non-finite loss or gradients: the optimizer left everything untouched;
+    # train.max_consecutive_skips of them in a row stop the run with DivergenceError)
+    for step, epoch, loss, skipped in optimizer_steps(
         accelerator, model, train_dl, optimizer, scheduler, plan, cfg.train, start_step
     ):
         bar.update(1)
-        window.append(loss)
+        if skipped:
+            skipped_total += 1
+            say(f"\nstep {step}: non-finite loss or gradients, update skipped ({skipped_total} so far)")
+        else:
+            window.append(loss)
         if due(step, cfg.train.log_every) or step == plan.total_steps:
-            train_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()  # over processes
+            mean = torch.stack(window).mean() if window else torch.tensor(float("nan"), device=loss.device)
+            train_loss = accelerator.reduce(mean, "mean").item()  # over processes
             lr = scheduler.get_last_lr()[0]
-            metrics.log(step, {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch})
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+            values = {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch}
+            metrics.log(step, {**values, "train/skipped_steps": skipped_total})
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped_total)
             window.clear()
         if due(step, cfg.train.eval_every or plan.updates_per_epoch):  # default: every epoch
             ev, last_eval_step = evaluate(), step
             metrics.log(step, ev)
             say(f"\nstep {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        if due(step, cfg.train.checkpoint_every):
-            save_checkpoint(accelerator, out, step, cfg.train.keep_last)
+        if due(step, cfg.train.checkpoint_every) and not skipped:  # only states after a good update
+            meta = {"skipped_steps": skipped_total}
+            save_checkpoint(accelerator, out, step, cfg.train.keep_last, meta=meta)
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
@@ -185,6 +205,7 @@ def main(cfg: Config) -> dict:
         **final_eval,
         "train/loss": metrics.last("train/loss").get("train/loss", float("nan")),
         "steps": step,
+        "skipped_steps": skipped_total,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -204,4 +225,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(Config, sys.argv[1:], description=__doc__.split("\n")[0]))
+    with exit_on_error():  # a config / data / checkpoint / divergence error: one `error:` line, exit 2
+        main(parse_args(Config, sys.argv[1:], description=__doc__.split("\n")[0]))

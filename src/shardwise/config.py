@@ -35,6 +35,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from shardwise.train.errors import ShardwiseError
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -50,7 +52,7 @@ T = TypeVar("T")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
 
 
-class ConfigError(ValueError):
+class ConfigError(ShardwiseError, ValueError):
     """A config value or key is invalid; the message names the dotted key and how to fix it."""
 
 
@@ -292,11 +294,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
     apply_overrides(data, overrides, cls)
+    where = f"{path}: " if path is not None else ""
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(f"{where}{e}", hint=e.hint) from None
+    except RecursionError:  # a self-referencing YAML alias (&a [*a])
+        raise ConfigError(f"{where}the config nests too deeply (a recursive YAML alias?)") from None
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
@@ -319,4 +323,5 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
     try:
         return load_config(cls, args.config, args.overrides)
     except ConfigError as e:
-        parser.exit(2, f"config error: {e}\n")
+        hint = e.hint or f"see {parser.prog} --help and the configs in configs/recipes/"
+        parser.exit(2, f"error: {e}\nhint: {hint}\n")

@@ -34,8 +34,9 @@ def test_checkpoint_listing_and_lookup(tmp_path):
     assert find_checkpoint(tmp_path, str(tmp_path / "checkpoints/step_0000004")).name == "step_0000004"
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         find_checkpoint(tmp_path, str(tmp_path / "checkpoints/step_0000012"))
-    with pytest.raises(FileNotFoundError, match="checkpoint_every"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint") as err:
         find_checkpoint(tmp_path / "empty", "latest")
+    assert "checkpoint_every" in err.value.hint
 
 
 def test_metrics_json_plot_and_table(tmp_path):

@@ -10,13 +10,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
-from .assets import resolve
+from shardwise.train.errors import DataError
+
+from .assets import AssetsMissing, resolve
 
 DataFiles = dict[str, str | list[str]]
 
 LOCAL_BUILDERS = ("csv", "json", "parquet", "text", "arrow")
+
+
+def _at_least(cfg, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ValueError(
+                f"{name} must be >= {low}{' or null' if name.startswith('max_') else ''}, got {value}"
+            )
 
 
 @dataclass
@@ -41,6 +53,9 @@ class ClassificationDataConfig:
     max_train_samples: int | None = None  # first N after a seeded shuffle (quick runs)
     max_eval_samples: int | None = None
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "max_length", "max_train_samples", "max_eval_samples")
+
 
 @dataclass
 class CausalLMDataConfig:
@@ -61,27 +76,52 @@ class CausalLMDataConfig:
     max_train_blocks: int | None = None
     max_eval_blocks: int | None = None
 
+    def __post_init__(self) -> None:
+        _at_least(self, 2, "block_size")  # a block predicts block_size - 1 tokens
+        _at_least(self, 1, "max_train_blocks", "max_eval_blocks")
+
+
+def _resolve_files(data_files: DataFiles) -> DataFiles:
+    """``assets:`` names resolved; every local path (not a glob or URL) must exist."""
+    out: DataFiles = {}
+    for split, paths in data_files.items():
+        resolved = []
+        for p in paths if isinstance(paths, list) else [paths]:
+            try:
+                r = resolve(p)
+            except AssetsMissing as e:
+                raise DataError(f"data.data_files.{split}: {e}") from None
+            is_pattern = any(c in r for c in "*?[") or "://" in r
+            if not is_pattern and not Path(r).exists():
+                raise DataError(
+                    f"data.data_files.{split}: file not found: {r}",
+                    hint="fix the path (relative paths are from the directory you run in)",
+                )
+            resolved.append(r)
+        out[split] = resolved if isinstance(paths, list) else resolved[0]
+    return out
+
 
 def load_raw(dataset: str, name: str | None, data_files: DataFiles | None, **kwargs: Any):
     """``datasets.load_dataset`` with ``assets:`` paths resolved; a DatasetDict of all splits."""
     from datasets import load_dataset
 
-    files = None
-    if data_files is not None:
-        files = {
-            split: [resolve(p) for p in paths] if isinstance(paths, list) else resolve(paths)
-            for split, paths in data_files.items()
-        }
+    files = _resolve_files(data_files) if data_files is not None else None
     if dataset == "text":
         kwargs.setdefault("keep_linebreaks", True)  # a causal LM should learn where lines end
     if dataset in LOCAL_BUILDERS and files is None:
-        raise ValueError(f"data.dataset={dataset!r} reads local files: set data.data_files")
-    return load_dataset(dataset, name, data_files=files, **kwargs)
+        raise DataError(f"data.dataset={dataset!r} reads local files: set data.data_files")
+    try:
+        return load_dataset(dataset, name, data_files=files, **kwargs)
+    except FileNotFoundError as e:  # a hub name that does not exist (or no hub), a missing file
+        raise DataError(f"data.dataset={dataset!r}: {e}") from None
 
 
 def _split(ds, split: str, what: str):
     if split not in ds:
-        raise ValueError(f"data.{what}={split!r} is not a split of this data set; it has {list(ds)}")
+        raise DataError(f"data.{what}={split!r} is not a split of this data set; it has {list(ds)}")
+    if len(ds[split]) == 0:
+        raise DataError(f"data.{what}={split!r} is empty", hint="check the file / data set it reads")
     return ds[split]
 
 
@@ -102,21 +142,42 @@ def load_classification(cfg: ClassificationDataConfig, tokenizer, seed: int = 0)
     raw = load_raw(cfg.dataset, cfg.name, cfg.data_files)
     train = _take(_split(raw, cfg.train_split, "train_split"), cfg.max_train_samples, seed)
     evals = _take(_split(raw, cfg.eval_split, "eval_split"), cfg.max_eval_samples, seed)
-    for col in (cfg.text_column, cfg.text_pair_column, cfg.label_column):
-        if col is not None and col not in train.column_names:
-            raise ValueError(f"column {col!r} not in the data set; its columns are {train.column_names}")
+    keys = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column}
+    keys["label_column"] = cfg.label_column
+    for ds, split in ((train, cfg.train_split), (evals, cfg.eval_split)):
+        for key, col in keys.items():
+            if col is not None and col not in ds.column_names:
+                raise DataError(
+                    f"data.{key}={col!r} is not a column of the {split!r} split; it has {ds.column_names}"
+                )
 
     feature = train.features[cfg.label_column]
+    dtype = getattr(feature, "dtype", None)
     if isinstance(feature, ClassLabel):
         label_names = list(feature.names)
         to_id = None
-    elif getattr(feature, "dtype", None) in ("string", "large_string"):
+    elif dtype in ("string", "large_string"):
         label_names = sorted(set(train[cfg.label_column]) | set(evals[cfg.label_column]))
         to_id = {name: i for i, name in enumerate(label_names)}
-    else:
+    elif dtype is not None and "int" in dtype:
         num = max(max(train[cfg.label_column]), max(evals[cfg.label_column])) + 1
         label_names = [str(i) for i in range(num)]
         to_id = None
+    else:
+        raise DataError(
+            f"data.label_column={cfg.label_column!r} holds {dtype or feature} values; classification "
+            "needs integer class ids or class names (strings)"
+        )
+    if to_id is None:  # integer ids must index the classes: -1 (an unlabeled test split) or too large
+        for ds, split in ((train, cfg.train_split), (evals, cfg.eval_split)):
+            bad = [y for y in ds[cfg.label_column] if not 0 <= y < len(label_names)]
+            if bad:
+                raise DataError(
+                    f"labels out of range in the {split!r} split: {sorted(set(bad))[:5]} (expected "
+                    f"0..{len(label_names) - 1}, {len(bad)} rows)",
+                    hint="a -1 label usually marks an unlabeled test split: evaluate on a labeled split "
+                    "(data.eval_split), or filter those rows",
+                )
 
     def encode(batch):
         args = [batch[cfg.text_column]]
@@ -162,12 +223,13 @@ def load_causal_lm(cfg: CausalLMDataConfig, tokenizer, seed: int = 0):
 
     def prepare(ds, limit):
         if cfg.text_column not in ds.column_names:
-            raise ValueError(f"column {cfg.text_column!r} not in the data set; it has {ds.column_names}")
+            raise DataError(f"data.text_column={cfg.text_column!r} is not a column; it has {ds.column_names}")
         ids = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
         out = ids.map(blocks, batched=True, batch_size=1000, remove_columns=["ids"], desc="blocks")
         if len(out) == 0:
-            raise ValueError(
-                f"no block of data.block_size={cfg.block_size} tokens: the split is too short; lower it"
+            raise DataError(
+                f"no block of data.block_size={cfg.block_size} tokens: the split is too short",
+                hint="lower data.block_size",
             )
         return _take(out, limit, seed)
 

@@ -13,6 +13,7 @@ also works on CPU with 2 processes (gloo):
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -33,7 +34,12 @@ def make_accelerator(train: TrainConfig, project_dir: str, *, with_trackers: boo
     fsdp = env_flag("ACCELERATE_USE_FSDP")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # (with a single process, a process-group handler makes accelerate look for a group that is not there)
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
+    # A finite collective timeout: when a rank dies, a survivor blocked in all-reduce / barrier fails
+    # after collective_timeout_s instead of torch's default (30 min for gloo).
+    timeout = timedelta(seconds=train.collective_timeout_s)
+    handlers = (
+        [InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl", timeout=timeout)] if distributed else []
+    )
     if on_cpu and train.mixed_precision == "fp16":
         raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     accelerator = Accelerator(

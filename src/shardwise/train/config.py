@@ -15,6 +15,7 @@ the section's dotted path.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,8 +46,10 @@ class OptimizerConfig:
     warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_ratio is not None and self.warmup_steps is not None:
@@ -96,17 +99,33 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
     progress: bool = True  # tqdm bars on the main process
     num_workers: int = 0
+    # divergence guard: an update whose loss or gradients are not finite is skipped (parameters and
+    # optimizer state untouched); this many in a row stop the run with the remedies (exit code 2)
+    max_consecutive_skips: int = 5
+    # an output_dir that already holds checkpoints or a model is refused unless this is true (its
+    # checkpoints are then deleted) or resume_from_checkpoint is set
+    overwrite: bool = False
+    # a rank blocked in a collective (another rank died or hangs) fails after this long instead of
+    # torch's 30 minutes; keep it above the longest checkpoint save
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
+        at_least_one = ("epochs", "batch_size", "grad_accum_steps", "keep_last", "log_every")
+        for name in (*at_least_one, "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "checkpoint_every", "eval_every", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        clip = self.max_grad_norm
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or null, got {clip}")
+        timeout = self.collective_timeout_s
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"collective_timeout_s must be a finite number > 0, got {timeout}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass

@@ -7,9 +7,15 @@ Steps always count optimizer updates (after gradient accumulation), which is wha
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import torch
+
+from . import faults
 from .config import OptimizerConfig, TrainConfig
+from .errors import DataError, DivergenceError
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,10 @@ def plan_steps(batches_per_epoch: int, train: TrainConfig) -> StepPlan:
     data loader, hence the ceil.
     """
     if batches_per_epoch < 1:
-        raise ValueError("the training data loader is empty: fewer samples than processes x batch_size?")
+        raise DataError(
+            "the training data loader is empty: fewer samples than processes x batch_size?",
+            hint="check the train split and data.max_train_samples, or lower train.batch_size",
+        )
     per_epoch = math.ceil(batches_per_epoch / train.grad_accum_steps)
     if train.max_steps is not None:
         return StepPlan(per_epoch, train.max_steps, math.ceil(train.max_steps / per_epoch))
@@ -39,18 +48,35 @@ def plan_steps(batches_per_epoch: int, train: TrainConfig) -> StepPlan:
 
 
 def build_optimizer(model, opt: OptimizerConfig, total_steps: int):
-    """shardwise optimizer (decay / no-decay groups) + LR schedule from the preset and the overrides."""
+    """shardwise optimizer (decay / no-decay groups) + LR schedule from the preset and the overrides.
+
+    The optimizer skips (and counts) any step whose gradients are not finite (``skip_nonfinite``):
+    the divergence guard of :func:`optimizer_steps` builds on it. Invalid hyperparameters surface as a
+    ConfigError naming the ``optimizer.*`` key.
+    """
+    from shardwise.config import ConfigError
     from shardwise.optim import optimizer_and_scheduler
 
-    return optimizer_and_scheduler(
-        opt.preset,
-        model,
-        total_steps,
-        schedule=opt.schedule,
-        warmup_steps=opt.warmup_steps,
-        warmup_ratio=opt.warmup_ratio,
-        **opt.overrides(),
-    )
+    if opt.warmup_steps is not None and opt.warmup_steps >= total_steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={opt.warmup_steps} is not below the run's {total_steps} optimizer steps",
+            hint="lower optimizer.warmup_steps (or use optimizer.warmup_ratio), or train longer "
+            "(train.max_steps / train.epochs)",
+        )
+    try:
+        return optimizer_and_scheduler(
+            opt.preset,
+            model,
+            total_steps,
+            schedule=opt.schedule,
+            warmup_steps=opt.warmup_steps,
+            warmup_ratio=opt.warmup_ratio,
+            skip_nonfinite=True,
+            **opt.overrides(),
+        )
+    except (ValueError, KeyError) as e:  # the optimizer's and the preset registry's own validation
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(f"optimizer: {msg}", hint="see docs/optimizer.md for the options") from None
 
 
 def describe_optimizer(optimizer, opt: OptimizerConfig) -> str:
@@ -79,6 +105,67 @@ def model_loss(model, batch):
     return model(**batch).loss
 
 
+class Update(NamedTuple):
+    """One optimizer update as :func:`optimizer_steps` yields it."""
+
+    step: int  # optimizer updates done so far, this one included
+    epoch: int
+    loss: Any  # this process's mean loss over the update's micro-batches (0-d tensor, no host sync)
+    skipped: bool  # the loss or the gradients were not finite: parameters and state left untouched
+
+
+def skip_counter(optimizer):
+    """The shardwise optimizer under accelerate's (and DeepSpeed's) wrappers, if it skips non-finite steps."""
+    for _ in range(4):
+        if getattr(optimizer, "skip_nonfinite", False) and hasattr(optimizer, "skipped_steps"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _restore_rng_after_first_batch(batches, state: dict[str, Any]):
+    """Yield ``batches``; once the iterator exists (it draws a base seed from the global RNG), put the
+    RNG state back, so that a run resumed mid-epoch draws the same dropout masks as an uninterrupted
+    one, whose iterator was created (and whose number was drawn) before the checkpoint was taken."""
+    for i, batch in enumerate(batches):
+        if i == 0:
+            set_rng_state(state)
+        yield batch
+
+
+def divergence_message(step: int, streak: int, optimizer, train: TrainConfig) -> DivergenceError:
+    lr = optimizer.param_groups[0]["lr"] if getattr(optimizer, "param_groups", None) else "?"
+    clip = f"train.max_grad_norm={train.max_grad_norm}" if train.max_grad_norm else "no clipping"
+    return DivergenceError(
+        f"training diverged: the last {streak} optimizer steps ({step - streak + 1}..{step}) had a "
+        f"non-finite loss or gradients and were skipped (train.max_consecutive_skips="
+        f"{train.max_consecutive_skips}; lr {lr:.3g}, {clip}). Parameters and optimizer state are those "
+        f"of step {step - streak}; no checkpoint was written after it",
+        hint="lower the learning rate (optimizer.lr), clip gradients (train.max_grad_norm=1.0), try "
+        "optimizer.amsgrad=true, check the data's normalization and labels; then resume from the last "
+        "good checkpoint (train.resume_from_checkpoint=latest)",
+    )
+
+
 def optimizer_steps(
     accelerator,
     model,
@@ -90,30 +177,50 @@ def optimizer_steps(
     start_step: int = 0,
     loss_fn=model_loss,
 ):
-    """Run the training micro-batches; yield ``(step, epoch, loss)`` after every optimizer update.
+    """Run the training micro-batches; yield an :class:`Update` ``(step, epoch, loss, skipped)`` after
+    every optimizer update.
 
     The mechanics both recipes share: gradient accumulation (``accelerator.accumulate``), clipping
     (DeepSpeed clips itself, from its JSON), optimizer + LR-scheduler step, the seeded per-epoch data
     order, and — when ``start_step`` > 0 after a resume — skipping the micro-batches already seen in
-    that epoch. ``loss`` is this process's mean loss over the update's micro-batches, a 0-d tensor on
-    the device (no host sync here; reduce it when logging). The caller logs, evaluates and saves.
+    that epoch, with the restored RNG state (dropout masks) as it was at the checkpoint. ``loss`` is
+    this process's mean loss over the update's micro-batches, a 0-d tensor on the device (no host sync
+    here; reduce it when logging). The caller logs, evaluates and saves.
+
+    Divergence guard: a non-finite micro-batch loss is turned into NaN gradients (multiplying by a
+    factor that is exactly 1 when the loss is finite, so nothing changes then, and no host sync), which
+    the optimizer (``skip_nonfinite``) skips on every rank alike. The update still counts as a step
+    (the data and the schedule move on). After ``train.max_consecutive_skips`` skipped updates in a row
+    this raises :class:`DivergenceError` with the remedies, before yielding, so no checkpoint of that
+    state is written.
     """
     from .accel import is_deepspeed
 
     clip = train.max_grad_norm is not None and not is_deepspeed(accelerator)
+    counter = skip_counter(optimizer)
+    nan = torch.tensor(float("nan"), device=accelerator.device)
     start_epoch, skip = plan.position(start_step, train.grad_accum_steps)
-    step = start_step
+    # the RNG state load_state restored, for the iterator of a resumed, already started epoch
+    resumed_rng = rng_state() if skip else None
+    step, streak = start_step, 0
     for epoch in range(start_epoch, plan.epochs):
         if step >= plan.total_steps:
             return
         train_dl.set_epoch(epoch)
-        batches = (
-            accelerator.skip_first_batches(train_dl, skip) if epoch == start_epoch and skip else train_dl
-        )
+        batches = train_dl
+        if epoch == start_epoch and skip:
+            rest = accelerator.skip_first_batches(train_dl, skip)
+            batches = _restore_rng_after_first_batch(rest, resumed_rng)
         total, n = 0.0, 0
+        skipped_before = counter.skipped_steps if counter is not None else 0
         for batch in batches:
+            faults.maybe_raise(step + 1, accelerator.process_index)
             with accelerator.accumulate(model):
                 loss = loss_fn(model, batch)
+                if faults.nan_loss(step + 1):
+                    loss = loss * nan
+                # exactly 1.0 for a finite loss; NaN makes every gradient NaN (all-reduced to all ranks)
+                loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, nan)
                 accelerator.backward(loss)
                 if clip and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
@@ -124,7 +231,15 @@ def optimizer_steps(
                 continue
             scheduler.step()  # once per update: make_accelerator sets step_scheduler_with_optimizer=False
             step += 1
-            yield step, epoch, total / n
+            if counter is not None:
+                skipped = counter.skipped_steps > skipped_before
+                skipped_before = counter.skipped_steps
+            else:  # an optimizer without the guard: at least notice (the update was applied)
+                skipped = not bool(torch.isfinite(total))
+            streak = streak + 1 if skipped else 0
+            if streak >= train.max_consecutive_skips:
+                raise divergence_message(step, streak, optimizer, train)
+            yield Update(step, epoch, total / n, skipped)
             total, n = 0.0, 0
             if step >= plan.total_steps:
                 return

@@ -1,0 +1,61 @@
+"""Errors a user can act on, and the recipes' top-level handler that prints them in one line.
+
+Every error the project raises for a bad config, bad data, a refused output folder, a missing
+checkpoint or a diverged run is a :class:`ShardwiseError`. Its message names the key / file / step,
+its ``hint`` says what to do. ``exit_on_error`` turns one into::
+
+    error: optimizer.lrr: unknown config key ...; did you mean 'lr'?
+    hint: ...
+
+on stderr and exit code 2 (no traceback). Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+EXIT_CODE = 2  # argparse's code for bad usage: the run cannot succeed as configured
+
+
+class ShardwiseError(Exception):
+    """Base of the errors a user fixes (config, data, output folder, checkpoint, divergence)."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class DataError(ShardwiseError, ValueError):
+    """The data set cannot be used as configured (missing file or column, bad labels, empty split)."""
+
+
+class CheckpointError(ShardwiseError, FileNotFoundError):
+    """No usable checkpoint where one was asked for, or an output folder that would be overwritten."""
+
+
+class DivergenceError(ShardwiseError, RuntimeError):
+    """Too many consecutive optimizer steps skipped for non-finite loss or gradients."""
+
+
+@contextlib.contextmanager
+def exit_on_error():
+    """Run a recipe's ``main``; a :class:`ShardwiseError` prints ``error: ...`` (+ hint) and exits 2.
+
+    With several processes every rank prints (a rank-specific error must not be lost); ranks other
+    than 0 prefix their rank so the duplicate lines of a shared error are recognisable.
+    """
+    from shardwise.data.assets import AssetsMissing  # a model or data set not in the offline cache
+
+    try:
+        yield
+    except (ShardwiseError, AssetsMissing) as e:
+        rank = int(os.environ.get("RANK", "0"))
+        prefix = f"[rank {rank}] " if rank else ""
+        lines = [f"{prefix}error: {e}"]
+        if getattr(e, "hint", None):
+            lines.append(f"{prefix}hint: {e.hint}")
+        sys.stdout.flush()
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CODE) from None

@@ -1,0 +1,53 @@
+"""Fault injection for the reliability tests, through one environment variable (off when unset).
+
+``SHARDWISE_TEST_FAULTS`` is a comma-separated list of ``name=value``:
+
+- ``nan_loss_from=S``: from optimizer step S on, every micro-batch loss is made NaN (as a real
+  overflow would be) — the divergence guard's path;
+- ``raise_at=S`` (with ``raise_rank=R``, default every rank): raise at optimizer step S — a rank dying;
+- ``slow_save=SECONDS``: sleep at each stage of a checkpoint save, so that a ``kill -9`` lands inside it.
+
+The hooks sit where a real fault would strike (the loss, the step, the save), so a test exercises
+the code path a real run takes. Nothing here is read unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+ENV = "SHARDWISE_TEST_FAULTS"
+
+
+@functools.cache
+def _spec() -> dict[str, float]:
+    raw = os.environ.get(ENV, "")
+    out = {}
+    for item in filter(None, (s.strip() for s in raw.split(","))):
+        name, _, value = item.partition("=")
+        out[name.strip()] = float(value)
+    return out
+
+
+def get(name: str) -> float | None:
+    return _spec().get(name)
+
+
+def pause(stage: str) -> None:
+    """Sleep ``slow_save`` seconds (a checkpoint-save stage), when set."""
+    delay = get("slow_save")
+    if delay:
+        time.sleep(delay)
+
+
+def nan_loss(step: int) -> bool:
+    """True when the loss of (1-based) optimizer step ``step`` is to be poisoned."""
+    start = get("nan_loss_from")
+    return start is not None and step >= start
+
+
+def maybe_raise(step: int, rank: int) -> None:
+    at, who = get("raise_at"), get("raise_rank")
+    if at is not None and step == at and (who is None or rank == who):
+        raise RuntimeError(f"{ENV}: injected failure on rank {rank} at step {step}")
