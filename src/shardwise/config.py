@@ -262,10 +262,11 @@ def _check_path(cls: type, parts: list[str]) -> None:
     tp: Any = cls
     for i, p in enumerate(parts):
         path = ".".join(parts[: i + 1])
-        # look through Optional[Section]
+        # look through Optional[Section] / Optional[dict[...]]
         if typing.get_origin(tp) in (Union, types.UnionType):
-            arms = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-            tp = arms[0] if len(arms) == 1 else tp
+            arms = [a for a in typing.get_args(tp) if a is not type(None)]
+            sections = [a for a in arms if dataclasses.is_dataclass(a)]
+            tp = sections[0] if len(sections) == 1 else arms[0] if len(arms) == 1 else tp
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             fields = _fields(tp)
             if p not in fields:

@@ -87,42 +87,40 @@ def test_tiny_deepspeed(tmp_path, ds_config):
     assert model.bert.embeddings.word_embeddings.weight.shape == (30522, 32)
 
 
-def test_resume_continues_steps_and_schedule(tmp_path):
-    """Stop-and-resume from the step-4 checkpoint reproduces the uninterrupted run's steps 5..8."""
+def test_resume_is_exact(tmp_path):
+    """Resumed from the step-4 (an epoch boundary) and step-6 (mid-epoch) checkpoints, with dropout on
+    and 8-bit optimizer state, a run repeats the uninterrupted run's losses and learning rates exactly:
+    model, optimizer, schedule, RNG states and data order all continue."""
     full = tmp_path / "full"
-    # Dropout off: creating the data-loader iterator after load_state draws one number from the global
-    # RNG, which shifts dropout masks (not the data order, the schedule or the step count under test).
     common = [
-        "train.checkpoint_every=4",
+        "data.max_train_samples=64",  # 4 updates per epoch
+        "train.checkpoint_every=2",
+        "train.keep_last=4",
         "train.log_every=1",
-        "train.eval_every=8",
-        "model.config_overrides.hidden_dropout_prob=0.0",
-        "model.config_overrides.attention_probs_dropout_prob=0.0",
+        "train.eval_every=4",
+        "optimizer.state_bits=8",
         *FAST,
     ]
-    run(recipe_cmd("finetune_bert.py", "bert_tiny.yaml", f"train.output_dir={full}", *common))
+    proc = run(recipe_cmd("finetune_bert.py", "bert_tiny.yaml", f"train.output_dir={full}", *common))
+    assert "epochs)" in proc.stdout and "(4/epoch, 2 epochs)" in proc.stdout
     ckpts = sorted(p.name for p in (full / "checkpoints").iterdir())
-    assert ckpts == ["step_0000004", "step_0000008"]
+    assert ckpts == ["latest", "step_0000002", "step_0000004", "step_0000006", "step_0000008"]
+    model_cfg = yaml.safe_load((full / "config.yaml").read_text())["model"]["config_overrides"]
+    assert "hidden_dropout_prob" not in model_cfg  # MiniLM's dropout (0.1) is on
 
-    resumed = tmp_path / "resumed"
-    ckpt = full / "checkpoints" / "step_0000004"
-    proc = run(
-        recipe_cmd(
-            "finetune_bert.py",
-            "bert_tiny.yaml",
-            f"train.output_dir={resumed}",
-            f"train.resume_from_checkpoint={ckpt}",
-            *common,
-        )
-    )
-    assert "at step 4" in proc.stdout
     a = {r["step"]: r for r in metrics(full)["history"] if "train/loss" in r}
-    b = {r["step"]: r for r in metrics(resumed)["history"] if "train/loss" in r}
-    assert sorted(b) == [5, 6, 7, 8]
-    for s in b:
-        assert b[s]["train/lr"] == pytest.approx(a[s]["train/lr"], rel=1e-6)
-        assert b[s]["train/loss"] == pytest.approx(a[s]["train/loss"], rel=1e-4, abs=1e-5)
-    assert metrics(resumed)["final"]["steps"] == 8
+    for start in (4, 6):
+        resumed = tmp_path / f"from_{start}"
+        ckpt = full / "checkpoints" / f"step_{start:07d}"
+        overrides = [f"train.output_dir={resumed}", f"train.resume_from_checkpoint={ckpt}"]
+        proc = run(recipe_cmd("finetune_bert.py", "bert_tiny.yaml", *overrides, *common))
+        assert f"at step {start}" in proc.stdout
+        b = {r["step"]: r for r in metrics(resumed)["history"] if "train/loss" in r}
+        assert sorted(b) == list(range(start + 1, 9))
+        assert [(b[s]["train/loss"], b[s]["train/lr"]) for s in b] == [
+            (a[s]["train/loss"], a[s]["train/lr"]) for s in b
+        ]
+        assert metrics(resumed)["final"]["steps"] == 8
 
 
 def test_bad_override_fails_with_key_and_hint(tmp_path):

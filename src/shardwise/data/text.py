@@ -113,8 +113,12 @@ def load_raw(dataset: str, name: str | None, data_files: DataFiles | None, **kwa
         raise DataError(f"data.dataset={dataset!r} reads local files: set data.data_files")
     try:
         return load_dataset(dataset, name, data_files=files, **kwargs)
-    except FileNotFoundError as e:  # a hub name that does not exist (or no hub), a missing file
-        raise DataError(f"data.dataset={dataset!r}: {e}") from None
+    except (FileNotFoundError, ValueError) as e:  # unknown hub name / config, no hub, empty files
+        empty = "corresponds to no data" in str(e)
+        raise DataError(
+            f"data.dataset={dataset!r} could not be loaded: {e}",
+            hint="the data files are empty" if empty else "check data.dataset, data.name, data.data_files",
+        ) from None
 
 
 def _split(ds, split: str, what: str):
