@@ -152,7 +152,8 @@ def load_classification(cfg: ClassificationDataConfig, tokenizer, seed: int = 0)
         for key, col in keys.items():
             if col is not None and col not in ds.column_names:
                 raise DataError(
-                    f"data.{key}={col!r} is not a column of the {split!r} split; it has {ds.column_names}"
+                    f"data.{key}: column {col!r} not in the data set ({split!r} split); "
+                    f"it has {ds.column_names}"
                 )
 
     feature = train.features[cfg.label_column]
@@ -227,13 +228,14 @@ def load_causal_lm(cfg: CausalLMDataConfig, tokenizer, seed: int = 0):
 
     def prepare(ds, limit):
         if cfg.text_column not in ds.column_names:
-            raise DataError(f"data.text_column={cfg.text_column!r} is not a column; it has {ds.column_names}")
+            raise DataError(
+                f"data.text_column: column {cfg.text_column!r} not in the data set; it has {ds.column_names}"
+            )
         ids = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
         out = ids.map(blocks, batched=True, batch_size=1000, remove_columns=["ids"], desc="blocks")
         if len(out) == 0:
             raise DataError(
-                f"no block of data.block_size={cfg.block_size} tokens: the split is too short",
-                hint="lower data.block_size",
+                f"no block of data.block_size={cfg.block_size} tokens: the split is too short; lower it",
             )
         return _take(out, limit, seed)
 
