@@ -35,12 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardwise.train.errors import ShardwiseError
+
 ASSETS_ENV = "SHARDWISE_ASSETS"
 PREFIX = "assets:"
 STAMP = ".complete"
 
 
-class AssetsMissing(FileNotFoundError):
+class AssetsMissing(ShardwiseError, FileNotFoundError):
     """A recipe names an asset that is not in the cache; the message says to run `make assets`."""
 
 

@@ -46,11 +46,9 @@ def exit_on_error():
     With several processes every rank prints (a rank-specific error must not be lost); ranks other
     than 0 prefix their rank so the duplicate lines of a shared error are recognisable.
     """
-    from shardwise.data.assets import AssetsMissing  # a model or data set not in the offline cache
-
     try:
         yield
-    except (ShardwiseError, AssetsMissing) as e:
+    except ShardwiseError as e:
         rank = int(os.environ.get("RANK", "0"))
         prefix = f"[rank {rank}] " if rank else ""
         lines = [f"{prefix}error: {e}"]
