@@ -240,3 +240,21 @@ def test_from_preset_and_overrides():
     g = opt.param_groups[0]
     assert (g["lr"], g["betas"], g["weight_decay"]) == (1e-4, (0.9, 0.95), 0.1)
     assert isinstance(Adam.from_preset("gan-generator", p), Adam)
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_channels_last_params_are_served(impl, state_bits):
+    # Strided parameters (channels-last convolutions) take the multi-tensor path, same numbers.
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(128, 64, 3, 3, generator=g)
+    strided = dense.clone().to(memory_format=torch.channels_last)
+    a = AdamW([strided], impl=impl, state_bits=state_bits)
+    b = AdamW([dense], impl="foreach", state_bits=state_bits)
+    for _ in range(3):
+        grad = torch.randn(dense.shape, generator=g)
+        dense.grad, strided.grad = grad, grad.to(memory_format=torch.channels_last)
+        a.step()
+        b.step()
+    assert strided.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(strided, dense, rtol=0, atol=0)

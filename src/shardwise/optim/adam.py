@@ -123,7 +123,7 @@ class _AdamFamily(torch.optim.Optimizer):
                 maximize=group["maximize"],
             )
             beta1, beta2 = group["betas"]
-            for (device, _dtype, step, _q), bucket in self._buckets(group).items():
+            for (device, _dtype, step, _q, dense), bucket in self._buckets(group).items():
                 scalars = step_scalars(
                     rule,
                     step,
@@ -133,12 +133,12 @@ class _AdamFamily(torch.optim.Optimizer):
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                 )
-                run(self._impl_for(device), bucket, rule=rule, scalars=scalars)
+                run(self._impl_for(device, dense), bucket, rule=rule, scalars=scalars)
         self._partition.after_step(self._all_params())
         return loss
 
     def _buckets(self, group: dict[str, Any]) -> dict[tuple, Bucket]:
-        """Group this step's work by (device, dtype, step, 8-bit?), creating state lazily."""
+        """Group this step's work by (device, dtype, step, 8-bit?, contiguous?), creating state lazily."""
         buckets: dict[tuple, Bucket] = {}
         for p in group["params"]:
             if p.grad is None:
@@ -159,7 +159,9 @@ class _AdamFamily(torch.optim.Optimizer):
                 self._add_max_state(param, state)
             state["step"] += 1
             quantized = _absmax_key("exp_avg") in state
-            key = (param.device, param.dtype, int(state["step"]), quantized)
+            # The fused kernel walks memory in logical order: strided (e.g. channels-last) params
+            # go to their own bucket, which the multi-tensor path serves.
+            key = (param.device, param.dtype, int(state["step"]), quantized, param.is_contiguous())
             if key not in buckets:
                 buckets[key] = Bucket(
                     [],
@@ -206,9 +208,12 @@ class _AdamFamily(torch.optim.Optimizer):
         else:
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
 
-    def _impl_for(self, device: torch.device) -> str:
+    def _impl_for(self, device: torch.device, contiguous: bool = True) -> str:
         if self.impl == "auto":
-            return "fused" if fused.available(device) else "foreach"
+            return "fused" if contiguous and fused.available(device) else "foreach"
+        if self.impl == "fused" and not contiguous:
+            _warn_once("shardwise: impl='fused' needs contiguous parameters; strided ones use 'foreach'")
+            return "foreach"
         if self.impl == "fused" and not fused.available(device):
             _warn_once(
                 f"shardwise: fused kernel unavailable on {device.type} ({fused.why_unavailable(device)}); "
