@@ -614,14 +614,30 @@ def render(results: Path, plots: Path | None = None) -> str:
     return "\n".join(parts)
 
 
+def update_headline(readme: Path, report: str) -> bool:
+    """Replace the marked headline block of ``readme`` with the report's (if both have one)."""
+    if not readme.exists() or HEADLINE_BEGIN not in report:
+        return False
+    text = readme.read_text()
+    if HEADLINE_BEGIN not in text or HEADLINE_END not in text:
+        return False
+    block = report[report.index(HEADLINE_BEGIN) : report.index(HEADLINE_END) + len(HEADLINE_END)]
+    head, rest = text.split(HEADLINE_BEGIN, 1)
+    readme.write_text(head + block + rest.split(HEADLINE_END, 1)[1])
+    return True
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--readme", type=Path, default=None, help="also update this file's headline block")
     args = parser.parse_args(argv)
     text = render(args.results)
     args.out.write_text(text)
     print(f"wrote {args.out}")
+    if args.readme is not None and update_headline(args.readme, text):
+        print(f"updated the headline block of {args.readme}")
     return text
 
 

@@ -20,7 +20,7 @@ declare -A ARGS=(
   [memory]=""                          # SmolLM2-135M, 4 x 256 tokens, a fresh process per optimizer
   [e2e]=""                             # MiniLM, 32 x 32 tokens, plain loop vs HF Trainer
   [zero]=""                            # bench/zero.py: ZeRO-1 on 1 vs 2 gloo ranks
-  [report]=""
+  [report]="--readme README.md"       # BENCHMARKS.md, plots, and the README headline block
 )
 ORDER=(optim_step scaling memory e2e zero report)
 [ $# -gt 0 ] && ORDER=("$@")
