@@ -315,7 +315,7 @@ def train_one(
     if resume is not None:
         path = find_checkpoint(out, resume)
         step = load_checkpoint(accelerator, path)
-        # the curves and the clock so far travel with the checkpoint (RUN_STATE, written below)
+        # the curves and the clock so far travel with the checkpoint (RUN_STATE)
         if (path / RUN_STATE).is_file():
             saved = json.loads((path / RUN_STATE).read_text())
             seconds_before, history = saved["train_seconds"], saved["history"]
@@ -394,11 +394,10 @@ def train_one(
                 say(f"\n   step {step} (epoch {step / plan.updates_per_epoch:.2f}): "
                     f"test accuracy {ev['eval/accuracy']:.4f}, test loss {ev['eval/loss']:.4f}")  # fmt: skip
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                path = save_checkpoint(accelerator, out, step, cfg.train.keep_last)
-                if accelerator.is_main_process:
-                    seconds = seconds_before + time.perf_counter() - t_train
-                    state = {"train_seconds": seconds, "history": metrics.history}
-                    (path / RUN_STATE).write_text(json.dumps(state) + "\n")
+                # the history and clock travel inside the checkpoint, written before it becomes visible
+                seconds = seconds_before + time.perf_counter() - t_train
+                state = {"train_seconds": seconds, "history": metrics.history}
+                save_checkpoint(accelerator, out, step, cfg.train.keep_last, extra_files={RUN_STATE: state})
             if step >= plan.total_steps:
                 break
     bar.close()
