@@ -55,7 +55,7 @@ def _make(variant: str, params: list[torch.nn.Parameter]):
 
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3, foreach=True)
     bits = 8 if variant.endswith("8bit") else 32
-    return AdamW(params, lr=1e-3, impl="foreach", state_bits=bits, shard="zero1" in variant)
+    return AdamW(params, lr=1e-3, impl="auto", state_bits=bits, shard="zero1" in variant)
 
 
 def _state_bytes(opt) -> int:

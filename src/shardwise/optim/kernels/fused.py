@@ -26,6 +26,9 @@ from torch import Tensor
 from ..rule import Rule, StepScalars
 
 _SOURCE = Path(__file__).with_name("csrc") / "adam_fused.cpp"
+# -ffp-contract=off: no FMA contraction, so the kernel rounds like the reference's separate ops.
+# -fno-math-errno: lets sqrt vectorize. The flags are part of the build's cache key.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -41,7 +44,8 @@ def _cpu_fingerprint() -> str:
                 break
     except OSError:
         flags = platform.processor()
-    digest = hashlib.sha1((flags + _SOURCE.read_text() + torch.__version__).encode()).hexdigest()
+    key = flags + _SOURCE.read_text() + " ".join(_CFLAGS) + torch.__version__
+    digest = hashlib.sha1(key.encode()).hexdigest()
     return digest[:12]
 
 
@@ -64,7 +68,7 @@ def _native():
             _module = load(
                 name=name,
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
+                extra_cflags=_CFLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
