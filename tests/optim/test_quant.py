@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shardwise.optim import Adam, AdamW, quant
@@ -57,6 +57,7 @@ def test_zero_blocks_and_signs():
 
 
 @settings(max_examples=60, deadline=None)
+@example([1.9140019512327783e-38], False)  # found by hypothesis: a / 255^4 underflowed to 0
 @given(
     st.lists(
         st.floats(allow_nan=False, allow_infinity=False, min_value=-1e30, max_value=1e30),

@@ -102,12 +102,16 @@ def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
 def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
     """Inverse of :func:`encode` (up to rounding), in ``dtype``."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    c = _blocks(codes.to(compute))
+    # Normalize the code first, then scale: a / 255^4 would underflow for tiny blocks (a < ~5e-29
+    # in fp32) and c^4 * a would overflow for huge ones. The fused kernel uses the same order.
+    a = absmax.to(compute).unsqueeze(-1)
     if signed:
-        x = c * c.abs() * (absmax.to(compute) / SIGNED_MAX**2).unsqueeze(-1)
+        q = _blocks(codes.to(compute)) * (1.0 / SIGNED_MAX)
+        x = q * q.abs() * a
     else:
-        c2 = c * c
-        x = c2 * c2 * (absmax.to(compute) / UNSIGNED_MAX**4).unsqueeze(-1)
+        q = _blocks(codes.to(compute)) * (1.0 / UNSIGNED_MAX)
+        q2 = q * q
+        x = q2 * q2 * a
     return x.view(codes.shape[0], -1)[:, : row_length(codes.shape)].reshape(codes.shape).to(dtype)
 
 

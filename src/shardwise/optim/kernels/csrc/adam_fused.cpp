@@ -160,9 +160,8 @@ void run_8bit(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
     blocks_per_row[t] = (row_len[t] + kBlock - 1) / kBlock;
     first_block[t + 1] = first_block[t] + rows * blocks_per_row[t];
   }
-  // Same arithmetic as quant.decode: scale / max^k, then code products times that.
-  const acc_t m_decode = acc_t(kSignedMax) * acc_t(kSignedMax);
-  const acc_t v_decode = acc_t(kUnsignedMax) * kUnsignedMax * kUnsignedMax * kUnsignedMax;
+  // Same arithmetic as quant.decode: normalize the code, then scale (no underflow for tiny blocks).
+  const acc_t m_unit = acc_t(1.0 / kSignedMax), v_unit = acc_t(1.0 / kUnsignedMax);
 
   // Raw pointers up front: Tensor::data_ptr() is not free, and blocks are only 256 elements.
   std::vector<scalar_t*> P(nt);
@@ -205,18 +204,18 @@ void run_8bit(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
       float* va = VA[t] + local;
       float* ua = AMSGRAD ? UA[t] + local : nullptr;
 
-      const acc_t ms = acc_t(*ma) / m_decode, vs = acc_t(*va) / v_decode;
-      const acc_t us = AMSGRAD ? acc_t(*ua) / v_decode : acc_t(0);
+      const acc_t ms = acc_t(*ma), vs = acc_t(*va);
+      const acc_t us = AMSGRAD ? acc_t(*ua) : acc_t(0);
       acc_t m_max = 0, v_max = 0, u_max = 0;
       // Pass 1: decode, update in registers, remember the new moments and their absmax.
 #pragma omp simd reduction(max : m_max, v_max, u_max)
       for (int64_t i = 0; i < len; ++i) {
-        const acc_t cm = acc_t(mc[i]);
-        const acc_t cv = acc_t(vc[i]);
-        acc_t pi = p[i], mi = cm * std::abs(cm) * ms, vi = (cv * cv) * (cv * cv) * vs, ui = 0;
+        const acc_t qm = acc_t(mc[i]) * m_unit;
+        const acc_t qv = acc_t(vc[i]) * v_unit, qv2 = qv * qv;
+        acc_t pi = p[i], mi = qm * std::abs(qm) * ms, vi = qv2 * qv2 * vs, ui = 0;
         if (AMSGRAD) {
-          const acc_t cu = acc_t(uc[i]);
-          ui = (cu * cu) * (cu * cu) * us;
+          const acc_t qu = acc_t(uc[i]) * v_unit, qu2 = qu * qu;
+          ui = qu2 * qu2 * us;
         }
         const acc_t root = update<DECOUPLED, BELIEF, AMSGRAD, acc_t>(pi, acc_t(g[i]), mi, vi, ui, s);
         p[i] = scalar_t(pi);
