@@ -270,3 +270,13 @@ def test_fused_8bit_handles_bf16_params():
         a.step()
         b.step()
     torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=1e-2)
+
+
+def test_8bit_request_that_changes_nothing_warns():
+    # DeepSpeed hands the optimizer flat 1-D partitions: 8-bit must not silently mean 32-bit.
+    flat = torch.zeros(100_000)
+    opt = AdamW([flat], state_bits=8)
+    flat.grad = torch.ones_like(flat)
+    with pytest.warns(UserWarning, match="state_bits=8 has no effect"):
+        opt.step()
+    assert opt.state[flat]["exp_avg"].dtype == torch.float32

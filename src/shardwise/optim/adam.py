@@ -81,6 +81,7 @@ class _AdamFamily(torch.optim.Optimizer):
         self.impl = impl
         self.state_bits = state_bits
         self.skip_nonfinite = skip_nonfinite
+        self._checked_8bit = False
         #: Steps skipped because a gradient held inf/nan (only counted with ``skip_nonfinite=True``).
         self.skipped_steps = 0
         self._partition = sharding.make_partition(shard_arg=shard, params=self._all_params())
@@ -135,7 +136,19 @@ class _AdamFamily(torch.optim.Optimizer):
                 )
                 run(self._impl_for(device, dense), bucket, rule=rule, scalars=scalars)
         self._partition.after_step(self._all_params())
+        if self.state_bits == 8 and not self._checked_8bit:
+            self._checked_8bit = True
+            self._warn_if_no_8bit_state()
         return loss
+
+    def _warn_if_no_8bit_state(self) -> None:
+        """state_bits=8 must never silently mean 32-bit: say so when no parameter qualifies."""
+        if self.state and not any(_absmax_key("exp_avg") in s for s in self.state.values()):
+            _warn_once(
+                "shardwise: state_bits=8 has no effect: every parameter is 1-D or has fewer than "
+                f"{quant.MIN_NUMEL} elements, so all optimizer state stays 32-bit (DeepSpeed ZeRO hands "
+                "the optimizer flat 1-D partitions; for sharded 8-bit state use shard=True or FSDP2)"
+            )
 
     def _buckets(self, group: dict[str, Any]) -> dict[tuple, Bucket]:
         """Group this step's work by (device, dtype, step, 8-bit?, contiguous?), creating state lazily."""
