@@ -106,7 +106,6 @@ def adam_update(
     scalars: StepScalars,
 ) -> None:
     """Full-precision state; same signature as the reference and foreach implementations."""
-    s = scalars
     params[0].device.type == "cpu" or _raise_not_cpu(params[0].device)
     _checked_contiguous(params, grads)
     _native().adam_fused_(
@@ -115,18 +114,7 @@ def adam_update(
         exp_avgs,
         exp_avg_sqs,
         max_exp_avg_sqs or [],
-        rule.decoupled,
-        rule.belief,
-        rule.amsgrad,
-        rule.maximize,
-        s.beta1,
-        s.beta2,
-        s.weight_decay,
-        s.decay_factor,
-        s.eps,
-        s.step_size,
-        s.denom_scale,
-        s.denom_eps,
+        *_rule_args(rule, scalars),
     )
 
 
@@ -144,7 +132,6 @@ def adam_update_8bit(
     scalars: StepScalars,
 ) -> None:
     """8-bit state: codes and per-block absmax updated in place, one pass over memory."""
-    s = scalars
     _checked_contiguous(params, grads)
     _native().adam_fused_8bit_(
         params,
@@ -155,6 +142,13 @@ def adam_update_8bit(
         exp_avg_absmax,
         exp_avg_sq_absmax,
         max_exp_avg_sq_absmax or [],
+        *_rule_args(rule, scalars),
+    )
+
+
+def _rule_args(rule: Rule, s: StepScalars) -> tuple:
+    """The flags and per-step scalars both native entry points take, in their C++ order."""
+    return (
         rule.decoupled,
         rule.belief,
         rule.amsgrad,
