@@ -160,8 +160,6 @@ void run_8bit(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
     blocks_per_row[t] = (row_len[t] + kBlock - 1) / kBlock;
     first_block[t + 1] = first_block[t] + rows * blocks_per_row[t];
   }
-  // Same arithmetic as quant.decode: normalize the code, then scale (no underflow for tiny blocks).
-  const acc_t m_unit = acc_t(1.0 / kSignedMax), v_unit = acc_t(1.0 / kUnsignedMax);
 
   // Raw pointers up front: Tensor::data_ptr() is not free, and blocks are only 256 elements.
   std::vector<scalar_t*> P(nt);
@@ -186,6 +184,9 @@ void run_8bit(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
     // A local copy: stores through the parameter pointer could alias a referenced struct, which
     // would keep the compiler from vectorizing the element loops.
     const Scalars<acc_t> s = scalars;
+    // Same arithmetic as quant.decode: normalize the code, then scale (no underflow for tiny
+    // blocks). Local too, for the same reason.
+    const acc_t m_unit = acc_t(1.0 / kSignedMax), v_unit = acc_t(1.0 / kUnsignedMax);
     acc_t mbuf[kBlock], vbuf[kBlock], ubuf[kBlock];
     size_t t = std::upper_bound(first_block.begin(), first_block.end(), b0) - first_block.begin() - 1;
     for (int64_t b = b0; b < b1; ++b) {
