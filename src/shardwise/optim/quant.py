@@ -23,8 +23,9 @@ which motivates non-linear maps with more resolution near zero)
 where ``a`` is the block's absmax. The square root gives the first moment ~127^2 = 16,129 distinct
 magnitude levels down to ``a / 16129``; the fourth root spans the second moment's much wider range,
 down to ``a / 4.2e9``, i.e. ``sqrt(v)`` (what the update divides by) down to ``sqrt(a) / 65025``.
-Both maps are closed-form, so the fused kernels decode and encode with a multiply and one or two
-square roots per element instead of a table search. Rounding is to nearest (ties to even), so the
+Both maps are closed-form, so the fused kernels decode with a few multiplies and encode with one
+square root per element (the second moment's first root is the update's ``sqrt(v)``) instead of a
+table search. Rounding is to nearest (ties to even), so the
 maximum round-trip error of a block is half a code step: at most ``a * 127/127^2 = a/127`` for the
 first moment (at the top of the range) and ``a * (1 - (254.5/255)^4) ~ a/128`` for the second.
 
@@ -47,6 +48,8 @@ BLOCK = 256
 MIN_NUMEL = 4096
 SIGNED_MAX = 127.0
 UNSIGNED_MAX = 255.0
+TINY_ABSMAX = 2.0**-64
+PRESCALE = 2.0**64
 
 
 def uses_8bit(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -83,15 +86,19 @@ def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     magnitude = blocks.abs()
     absmax = magnitude.amax(dim=-1, keepdim=True)
     ok = torch.isfinite(absmax) & (absmax > 0)
+    # The maps with their constants folded into one factor per block, exactly as the fused kernel
+    # computes them (so both round alike): round(sqrt(|x| * (127^2 / a))) and, for the second
+    # moment, round(sqrt(sqrt(x) * (255^2 / sqrt(a)))) (the kernel reuses sqrt(x) from the update).
     if signed:
-        inv = torch.where(ok, 1.0 / absmax, torch.zeros_like(absmax))
-        codes = torch.round(magnitude.mul(inv).sqrt().mul(SIGNED_MAX)).copysign(blocks)
+        # 127^2 / a overflows for a < ~5e-35: encode such blocks from x * 2^64 and a * 2^64
+        # (a power of two, so exact).
+        pre = torch.where(absmax < TINY_ABSMAX, PRESCALE, 1.0).to(absmax.dtype)
+        factor = torch.where(ok, SIGNED_MAX**2 / (absmax * pre), torch.zeros_like(absmax))
+        codes = torch.round(magnitude.mul(pre).mul(factor).sqrt()).copysign(blocks)
         dtype = torch.int8
     else:
-        # (x / a) ** (1/4) as sqrt(sqrt(x) / sqrt(a)): the fused kernel reuses sqrt(x) from the
-        # update's denominator, and both paths must round identically.
-        inv = torch.where(ok, 1.0 / absmax.sqrt(), torch.zeros_like(absmax))
-        codes = torch.round(magnitude.sqrt().mul(inv).sqrt().mul(UNSIGNED_MAX))
+        factor = torch.where(ok, UNSIGNED_MAX**2 / absmax.sqrt(), torch.zeros_like(absmax))
+        codes = torch.round(magnitude.sqrt().mul(factor).sqrt())
         dtype = torch.uint8
     codes = torch.where(torch.isfinite(absmax), codes, torch.zeros_like(codes))
     absmax = torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, float("nan")))

@@ -28,14 +28,17 @@ from ..rule import Rule, StepScalars
 _SOURCE = Path(__file__).with_name("csrc") / "adam_fused.cpp"
 # -ffp-contract=off: no FMA contraction, so the kernel rounds like the reference's separate ops.
 # -fno-math-errno: lets sqrt vectorize. The flags are part of the build's cache key.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+# SHARDWISE_MARCH picks the target (default: this CPU); e.g. x86-64-v3 for an image that must run on
+# any AVX2 machine. The kernel has AVX-512, AVX2 and portable code paths.
+_MARCH = os.environ.get("SHARDWISE_MARCH", "native")
+_CFLAGS = ["-O3", f"-march={_MARCH}", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
 
 
 def _cpu_fingerprint() -> str:
-    """The extension is built with -march=native: key the build by CPU flags and source."""
+    """The extension is built for this CPU (-march): key the build by CPU flags, flags and source."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
