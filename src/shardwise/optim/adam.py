@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import quant
 from . import shard as sharding
-from .kernels import IMPLS, Bucket, fused, run
+from .kernels import IMPLS, Bucket, fused, fused_available, run
 from .rule import VARIANTS, Rule, step_scalars
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -227,12 +227,11 @@ class _AdamFamily(torch.optim.Optimizer):
         if self.impl == "fused" and not contiguous:
             _warn_once("shardwise: impl='fused' needs contiguous parameters; strided ones use 'foreach'")
             return "foreach"
-        if self.impl == "fused" and not fused.available(device):
-            _warn_once(
-                f"shardwise: fused kernel unavailable on {device.type} ({fused.why_unavailable(device)}); "
-                "using impl='foreach'"
-            )
-            return "foreach"
+        if self.impl == "fused":
+            ok, why = fused_available(device)
+            if not ok:
+                _warn_once(f"shardwise: fused kernel unavailable on {device.type} ({why}); using 'foreach'")
+                return "foreach"
         return self.impl
 
     def _grads_finite(self) -> bool:

@@ -67,13 +67,22 @@ def scales_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
     return (shape[0], -(-row_length(shape) // BLOCK))
 
 
-def _blocks(x: Tensor) -> Tensor:
-    """View ``x`` as ``(rows, blocks, BLOCK)``, zero-padding each row to whole blocks."""
-    rows = x.reshape(x.shape[0], -1)
+def _blocks(rows: Tensor) -> Tensor:
+    """View ``(rows, R)`` as ``(rows, blocks, BLOCK)``, zero-padding each row to whole blocks."""
     pad = -rows.shape[1] % BLOCK
     if pad:
         rows = torch.nn.functional.pad(rows, (0, pad))
     return rows.view(rows.shape[0], -1, BLOCK)
+
+
+def _per_element(per_block: Tensor, row: int) -> Tensor:
+    """Spread a ``(rows, blocks)`` tensor over the ``(rows, row)`` elements of its blocks.
+
+    The elementwise maths runs in the unpadded layout (only the absmax reduction pads): besides
+    skipping the padding, this is the form ``torch.compile`` (kernels/compiled.py) gets right; the
+    padded view sliced back to R miscompiles on Inductor's CPU backend in torch 2.13.
+    """
+    return per_block[:, torch.arange(row, device=per_block.device) // BLOCK]
 
 
 def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -82,10 +91,12 @@ def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     Non-finite values poison their block on purpose: its absmax is stored as NaN and its codes as
     0, so the block decodes to NaN instead of silently to wrong numbers.
     """
-    blocks = _blocks(x if x.dtype == torch.float64 else x.float())
-    magnitude = blocks.abs()
-    absmax = magnitude.amax(dim=-1, keepdim=True)
-    ok = torch.isfinite(absmax) & (absmax > 0)
+    rows = (x if x.dtype == torch.float64 else x.float()).reshape(x.shape[0], -1)
+    magnitude = rows.abs()
+    absmax = _blocks(magnitude).amax(dim=-1)  # zero padding cannot raise a max of |x|; NaN stays
+    finite = torch.isfinite(absmax)
+    ok = finite & (absmax > 0)
+    row = rows.shape[1]
     # The maps with their constants folded into one factor per block, exactly as the fused kernel
     # computes them (so both round alike): round(sqrt(|x| * (127^2 / a))) and, for the second
     # moment, round(sqrt(sqrt(x) * (255^2 / sqrt(a)))) (the kernel reuses sqrt(x) from the update).
@@ -94,16 +105,16 @@ def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
         # (a power of two, so exact).
         pre = torch.where(absmax < TINY_ABSMAX, PRESCALE, 1.0).to(absmax.dtype)
         factor = torch.where(ok, SIGNED_MAX**2 / (absmax * pre), torch.zeros_like(absmax))
-        codes = torch.round(magnitude.mul(pre).mul(factor).sqrt()).copysign(blocks)
+        scaled = magnitude.mul(_per_element(pre, row)).mul(_per_element(factor, row))
+        codes = torch.round(scaled.sqrt()).copysign(rows)
         dtype = torch.int8
     else:
         factor = torch.where(ok, UNSIGNED_MAX**2 / absmax.sqrt(), torch.zeros_like(absmax))
-        codes = torch.round(magnitude.sqrt().mul(factor).sqrt())
+        codes = torch.round(magnitude.sqrt().mul(_per_element(factor, row)).sqrt())
         dtype = torch.uint8
-    codes = torch.where(torch.isfinite(absmax), codes, torch.zeros_like(codes))
-    absmax = torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, float("nan")))
-    codes = codes.view(x.shape[0], -1)[:, : row_length(x.shape)].to(dtype)
-    return codes.view(x.shape), absmax.squeeze(-1).float()
+    codes = torch.where(_per_element(finite, row), codes, torch.zeros_like(codes))
+    absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))
+    return codes.to(dtype).view(x.shape), absmax.float()
 
 
 def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -111,15 +122,16 @@ def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = tor
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     # Normalize the code first, then scale: a / 255^4 would underflow for tiny blocks (a < ~5e-29
     # in fp32) and c^4 * a would overflow for huge ones. The fused kernel uses the same order.
-    a = absmax.to(compute).unsqueeze(-1)
+    rows = codes.reshape(codes.shape[0], -1).to(compute)
+    a = _per_element(absmax.to(compute), rows.shape[1])
     if signed:
-        q = _blocks(codes.to(compute)) * (1.0 / SIGNED_MAX)
+        q = rows * (1.0 / SIGNED_MAX)
         x = q * q.abs() * a
     else:
-        q = _blocks(codes.to(compute)) * (1.0 / UNSIGNED_MAX)
+        q = rows * (1.0 / UNSIGNED_MAX)
         q2 = q * q
         x = q2 * q2 * a
-    return x.view(codes.shape[0], -1)[:, : row_length(codes.shape)].reshape(codes.shape).to(dtype)
+    return x.reshape(codes.shape).to(dtype)
 
 
 def encode_into(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:

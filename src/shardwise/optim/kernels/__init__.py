@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import quant
 from ..rule import Rule, StepScalars
-from . import foreach, fused, reference
+from . import compiled, foreach, fused, reference
 
 IMPLS = ("reference", "foreach", "fused")
 _IMPLS = {"reference": reference.adam_update, "foreach": foreach.adam_update, "fused": fused.adam_update}
@@ -44,8 +44,17 @@ class Bucket:
         return self.exp_avg_absmax is not None
 
 
+def fused_available(device: torch.device) -> tuple[bool, str]:
+    """Whether ``impl="fused"`` runs on ``device`` (native kernel on CPU, torch.compile elsewhere)."""
+    backend = fused if device.type == "cpu" else compiled
+    return backend.available(device), backend.why_unavailable(device)
+
+
 def run(impl: str, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
     """Apply one step of ``rule`` to ``bucket`` with implementation ``impl``."""
+    if impl == "fused" and bucket.params[0].device.type != "cpu":
+        _run_compiled(bucket, rule=rule, scalars=scalars)
+        return
     if impl == "fused" and bucket.quantized:
         fused.adam_update_8bit(
             bucket.params,
@@ -96,3 +105,30 @@ def run(impl: str, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
     if u is not None:
         for x, c, a in zip(u, bucket.max_exp_avg_sqs, bucket.max_exp_avg_sq_absmax):
             quant.encode_into(x, c, a, signed=False)
+
+
+def _run_compiled(bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
+    """``impl="fused"`` off CPU: the torch.compile path of :mod:`.compiled`, 32- or 8-bit."""
+    if not bucket.quantized:
+        compiled.adam_update(
+            bucket.params,
+            bucket.grads,
+            bucket.exp_avgs,
+            bucket.exp_avg_sqs,
+            bucket.max_exp_avg_sqs,
+            rule=rule,
+            scalars=scalars,
+        )
+        return
+    compiled.adam_update_8bit(
+        bucket.params,
+        bucket.grads,
+        bucket.exp_avgs,
+        bucket.exp_avg_sqs,
+        bucket.max_exp_avg_sqs,
+        bucket.exp_avg_absmax,
+        bucket.exp_avg_sq_absmax,
+        bucket.max_exp_avg_sq_absmax,
+        rule=rule,
+        scalars=scalars,
+    )

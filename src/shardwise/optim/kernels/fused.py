@@ -6,9 +6,9 @@ On CPU the kernel is C++ (``csrc/adam_fused.cpp``), compiled once per machine wi
 compiler, or with ``SHARDWISE_DISABLE_NATIVE=1``, :func:`available` is False, ``impl="auto"`` picks
 ``foreach`` and ``impl="fused"`` warns once and does the same.
 
-On CUDA the fused path is the same rule compiled by ``torch.compile`` (one Triton kernel per
-tensor). It is used only when asked for (``impl="fused"``); ``"auto"`` stays on ``foreach`` there
-until the compiled path has been validated on a GPU.
+On other devices (CUDA) ``impl="fused"`` runs :mod:`.compiled` instead, the rule and codec compiled
+by ``torch.compile``; ``"auto"`` stays on ``foreach`` there until that path has been measured on a
+GPU.
 """
 
 from __future__ import annotations
