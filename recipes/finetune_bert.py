@@ -28,17 +28,14 @@ from shardwise.train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     read_progress,
-    save_checkpoint,
 )
 from shardwise.train.config import ModelConfig, OptimizerConfig, TrainConfig
 from shardwise.train.errors import exit_on_error
 from shardwise.train.loop import (
     build_optimizer,
     describe_optimizer,
-    due,
-    optimizer_steps,
     plan_steps,
-    progress,
+    run_training,
 )
 from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
 
@@ -153,44 +150,27 @@ def main(cfg: Config) -> dict:
         }
 
     # -------------------------------------------------------------------------------------- loop
+    # one iteration per optimizer update (accumulation, clipping, LR schedule, divergence guard), the
+    # train loss every log_every steps, evaluate() every eval_every steps (default: each epoch),
+    # checkpoints, and a last evaluation of the final weights: shardwise.train.loop.run_training
     metrics = Metrics(accelerator)
     model.train()
-    bar = progress(plan.total_steps, start_step, "train", accelerator.is_main_process and cfg.train.progress)
-    step, window, last_eval_step = start_step, [], -1  # window: per-update losses since the last log
-    t_train = time.perf_counter()
-    # each iteration = one optimizer update (accumulation, clipping, LR schedule: shardwise.train.loop)
-    # (a skipped update had a non-finite loss or gradients: the optimizer left everything untouched;
-    # train.max_consecutive_skips of them in a row stop the run with DivergenceError)
-    for step, epoch, loss, skipped in optimizer_steps(
-        accelerator, model, train_dl, optimizer, scheduler, plan, cfg.train, start_step
-    ):
-        bar.update(1)
-        if skipped:
-            skipped_total += 1
-            say(f"\nstep {step}: non-finite loss or gradients, update skipped ({skipped_total} so far)")
-        else:
-            window.append(loss)
-        if due(step, cfg.train.log_every) or step == plan.total_steps:
-            mean = torch.stack(window).mean() if window else torch.tensor(float("nan"), device=loss.device)
-            train_loss = accelerator.reduce(mean, "mean").item()  # over processes
-            lr = scheduler.get_last_lr()[0]
-            values = {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch}
-            metrics.log(step, {**values, "train/skipped_steps": skipped_total})
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped_total)
-            window.clear()
-        if due(step, cfg.train.eval_every or plan.updates_per_epoch):  # default: every epoch
-            ev, last_eval_step = evaluate(), step
-            metrics.log(step, ev)
-            say(f"\nstep {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        if due(step, cfg.train.checkpoint_every) and not skipped:  # only states after a good update
-            meta = {"skipped_steps": skipped_total}
-            save_checkpoint(accelerator, out, step, cfg.train.keep_last, meta=meta)
-    bar.close()
-    train_seconds = time.perf_counter() - t_train
+    result = run_training(
+        accelerator,
+        model,
+        train_dl,
+        optimizer,
+        scheduler,
+        plan,
+        cfg.train,
+        evaluate=evaluate,
+        metrics=metrics,
+        output_dir=out,
+        start_step=start_step,
+        skipped_steps=skipped_total,
+    )
 
     # -------------------------------------------------------------------------------------- save
-    if last_eval_step != step:  # always finish with an evaluation of the final weights
-        metrics.log(step, evaluate())
     final_eval = metrics.last("eval/")
     accelerator.wait_for_everyone()
     model_dir = out / "model"
@@ -204,9 +184,9 @@ def main(cfg: Config) -> dict:
     final = {
         **final_eval,
         "train/loss": metrics.last("train/loss").get("train/loss", float("nan")),
-        "steps": step,
-        "skipped_steps": skipped_total,
-        "train_seconds": round(train_seconds, 1),
+        "steps": result.steps,
+        "skipped_steps": result.skipped_steps,
+        "train_seconds": round(result.train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     metrics_path = metrics.write(out, final)

@@ -1,4 +1,4 @@
-"""Loop arithmetic and small pieces the recipes share: step plan, optimizer build, progress, seeds.
+"""The training loop the recipes share, and its pieces: step plan, optimizer build, progress, seeds.
 
 Steps always count optimizer updates (after gradient accumulation), which is what the LR schedule,
 ``log_every``, ``eval_every``, ``checkpoint_every`` and ``max_steps`` are measured in.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -248,3 +251,70 @@ def optimizer_steps(
 def due(step: int, every: int | None) -> bool:
     """True when a cadence of ``every`` optimizer steps (None = never) falls on ``step``."""
     return every is not None and step % every == 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int  # optimizer updates done, a resumed run's earlier ones included
+    skipped_steps: int  # updates the divergence guard skipped, over the whole run
+    train_seconds: float  # wall time of this run's loop (final evaluation included)
+
+
+def run_training(
+    accelerator,
+    model,
+    train_dl,
+    optimizer,
+    scheduler,
+    plan: StepPlan,
+    train: TrainConfig,
+    *,
+    evaluate: Callable[[], dict[str, float]],
+    metrics,
+    output_dir: Path,
+    start_step: int = 0,
+    skipped_steps: int = 0,
+) -> TrainResult:
+    """The training loop of the fine-tuning recipes, one iteration per optimizer update.
+
+    :func:`optimizer_steps` does the update mechanics; this adds what a run reports and keeps: a
+    progress bar, the train loss every ``log_every`` steps (mean over the updates since the last
+    log and over processes, with the LR, epoch and skipped-update count), ``evaluate()`` every
+    ``eval_every`` steps (default: every epoch), a checkpoint every ``checkpoint_every`` steps, but
+    only after a good update, and a last evaluation of the final weights. ``metrics`` is a
+    :class:`~shardwise.train.metrics.Metrics`; ``skipped_steps`` carries a resumed run's count.
+    """
+    from .checkpoint import save_checkpoint
+
+    say = accelerator.print
+    bar = progress(plan.total_steps, start_step, "train", accelerator.is_main_process and train.progress)
+    step, window, last_eval_step = start_step, [], -1  # window: per-update losses since the last log
+    started = time.perf_counter()
+    for step, epoch, loss, skipped in optimizer_steps(
+        accelerator, model, train_dl, optimizer, scheduler, plan, train, start_step
+    ):
+        bar.update(1)
+        if skipped:  # non-finite loss or gradients: the optimizer left everything untouched
+            skipped_steps += 1
+            say(f"\nstep {step}: non-finite loss or gradients, update skipped ({skipped_steps} so far)")
+        else:
+            window.append(loss)
+        if due(step, train.log_every) or step == plan.total_steps:
+            mean = torch.stack(window).mean() if window else torch.tensor(float("nan"), device=loss.device)
+            train_loss = accelerator.reduce(mean, "mean").item()  # over processes
+            lr = scheduler.get_last_lr()[0]
+            values = {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch}
+            metrics.log(step, {**values, "train/skipped_steps": skipped_steps})
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped_steps)
+            window.clear()
+        if due(step, train.eval_every or plan.updates_per_epoch):
+            evaluation, last_eval_step = evaluate(), step
+            metrics.log(step, evaluation)
+            say(f"\nstep {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+        if due(step, train.checkpoint_every) and not skipped:
+            meta = {"skipped_steps": skipped_steps}
+            save_checkpoint(accelerator, output_dir, step, train.keep_last, meta=meta)
+    bar.close()
+    if last_eval_step != step:  # always finish with an evaluation of the final weights
+        metrics.log(step, evaluate())
+    return TrainResult(step, skipped_steps, time.perf_counter() - started)
