@@ -35,6 +35,7 @@ def run(variant: str, bits: int, max_steps: int | None, out_root: Path) -> dict:
         f"train.output_dir={out}",
         "train.progress=false",
         "train.report_to=[]",
+        "train.overwrite=true",  # a rerun of the bench replaces its own earlier runs
     ]
     if max_steps:
         cmd.append(f"train.max_steps={max_steps}")
