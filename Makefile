@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 assets: $(STAMP)
 	$(PY) -m shardwise.data.assets --cache $(ASSETS)
 
+# The demo is one fixed, seeded run: running it again replaces its own outputs/bert_minilm_r8.
 demo: $(STAMP) assets
-	$(PY) recipes/finetune_bert.py --config configs/recipes/bert_minilm_r8.yaml
+	$(PY) recipes/finetune_bert.py --config configs/recipes/bert_minilm_r8.yaml train.overwrite=true
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -257,7 +257,7 @@ def check_output_dir(output_dir: str | Path, *, resume: str | None, overwrite: b
     if root.is_dir() and any(_STEP_DIR.match(p.name) or p.name == LATEST for p in root.iterdir()):
         held.append(f"checkpoints ({', '.join(p.name for p in list_checkpoints(out)) or 'incomplete'})")
     if (out / "model").exists():
-        held.append("a saved model (model/)")
+        held.append("saved model (model/)")
     if not held:
         return
     if not overwrite:
