@@ -75,14 +75,34 @@ def _blocks(rows: Tensor) -> Tensor:
     return rows.view(rows.shape[0], -1, BLOCK)
 
 
-def _per_element(per_block: Tensor, row: int) -> Tensor:
-    """Spread a ``(rows, blocks)`` tensor over the ``(rows, row)`` elements of its blocks.
+class _Layout:
+    """Where the elementwise maths of a ``(rows, R)`` tensor runs, and how per-block values meet it.
 
-    The elementwise maths runs in the unpadded layout (only the absmax reduction pads): besides
-    skipping the padding, this is the form ``torch.compile`` (kernels/compiled.py) gets right; the
-    padded view sliced back to R miscompiles on Inductor's CPU backend in torch 2.13.
+    Eager: zero-padded ``(rows, blocks, 256)`` blocks, per-block values broadcast as
+    ``(rows, blocks, 1)``: no per-element copy of the scales. Under ``torch.compile``
+    (kernels/compiled.py): the unpadded ``(rows, R)`` elements, per-block values gathered per
+    element, because Inductor's CPU backend in torch 2.13 miscompiles a padded view sliced back to
+    ``R``. The arithmetic per element is the same either way.
     """
-    return per_block[:, torch.arange(row, device=per_block.device) // BLOCK]
+
+    def __init__(self, rows: Tensor):
+        self.shape = rows.shape
+        self.padded = not torch.compiler.is_compiling()
+        self.data = _blocks(rows) if self.padded else rows
+        if not self.padded:
+            self._cols = torch.arange(rows.shape[1], device=rows.device) // BLOCK
+
+    def spread(self, per_block: Tensor) -> Tensor:
+        """A ``(rows, blocks)`` tensor, broadcastable against :attr:`data`."""
+        return per_block.unsqueeze(-1) if self.padded else per_block[:, self._cols]
+
+    def absmax(self, magnitude: Tensor) -> Tensor:
+        """Per-block max of ``magnitude`` (in this layout); zero padding cannot raise it, NaN stays."""
+        return (magnitude if self.padded else _blocks(magnitude)).amax(dim=-1)
+
+    def unpad(self, y: Tensor) -> Tensor:
+        """Back to ``(rows, R)``."""
+        return y.reshape(self.shape[0], -1)[:, : self.shape[1]] if self.padded else y
 
 
 def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -91,12 +111,11 @@ def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     Non-finite values poison their block on purpose: its absmax is stored as NaN and its codes as
     0, so the block decodes to NaN instead of silently to wrong numbers.
     """
-    rows = (x if x.dtype == torch.float64 else x.float()).reshape(x.shape[0], -1)
-    magnitude = rows.abs()
-    absmax = _blocks(magnitude).amax(dim=-1)  # zero padding cannot raise a max of |x|; NaN stays
+    layout = _Layout((x if x.dtype == torch.float64 else x.float()).reshape(x.shape[0], -1))
+    magnitude = layout.data.abs()
+    absmax = layout.absmax(magnitude)
     finite = torch.isfinite(absmax)
     ok = finite & (absmax > 0)
-    row = rows.shape[1]
     # The maps with their constants folded into one factor per block, exactly as the fused kernel
     # computes them (so both round alike): round(sqrt(|x| * (127^2 / a))) and, for the second
     # moment, round(sqrt(sqrt(x) * (255^2 / sqrt(a)))) (the kernel reuses sqrt(x) from the update).
@@ -105,16 +124,16 @@ def encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
         # (a power of two, so exact).
         pre = torch.where(absmax < TINY_ABSMAX, PRESCALE, 1.0).to(absmax.dtype)
         factor = torch.where(ok, SIGNED_MAX**2 / (absmax * pre), torch.zeros_like(absmax))
-        scaled = magnitude.mul(_per_element(pre, row)).mul(_per_element(factor, row))
-        codes = torch.round(scaled.sqrt()).copysign(rows)
+        scaled = magnitude.mul(layout.spread(pre)).mul(layout.spread(factor))
+        codes = torch.round(scaled.sqrt()).copysign(layout.data)
         dtype = torch.int8
     else:
         factor = torch.where(ok, UNSIGNED_MAX**2 / absmax.sqrt(), torch.zeros_like(absmax))
-        codes = torch.round(magnitude.sqrt().mul(_per_element(factor, row)).sqrt())
+        codes = torch.round(magnitude.sqrt().mul(layout.spread(factor)).sqrt())
         dtype = torch.uint8
-    codes = torch.where(_per_element(finite, row), codes, torch.zeros_like(codes))
+    codes = torch.where(layout.spread(finite), codes, torch.zeros_like(codes))
     absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))
-    return codes.to(dtype).view(x.shape), absmax.float()
+    return layout.unpad(codes).to(dtype).reshape(x.shape), absmax.float()
 
 
 def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -122,16 +141,16 @@ def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = tor
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     # Normalize the code first, then scale: a / 255^4 would underflow for tiny blocks (a < ~5e-29
     # in fp32) and c^4 * a would overflow for huge ones. The fused kernel uses the same order.
-    rows = codes.reshape(codes.shape[0], -1).to(compute)
-    a = _per_element(absmax.to(compute), rows.shape[1])
+    layout = _Layout(codes.reshape(codes.shape[0], -1).to(compute))
+    a = layout.spread(absmax.to(compute))
     if signed:
-        q = rows * (1.0 / SIGNED_MAX)
+        q = layout.data * (1.0 / SIGNED_MAX)
         x = q * q.abs() * a
     else:
-        q = rows * (1.0 / UNSIGNED_MAX)
+        q = layout.data * (1.0 / UNSIGNED_MAX)
         q2 = q * q
         x = q2 * q2 * a
-    return x.reshape(codes.shape).to(dtype)
+    return layout.unpad(x).reshape(codes.shape).to(dtype)
 
 
 def encode_into(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:

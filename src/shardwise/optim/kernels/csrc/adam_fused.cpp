@@ -349,13 +349,15 @@ inline void step_block(const Tensor8bit<scalar_t>& T, int64_t start, int64_t blo
   const acc_t ms = acc_t(T.m_absmax[block]), vs = acc_t(T.v_absmax[block]);
   const acc_t us = AMSGRAD ? acc_t(T.u_absmax[block]) : acc_t(0);
   // AMSGrad: sqrt(u) = max(sqrt(u_old), sqrt(v)) with sqrt(u_old) = q^2 * sqrt(us), so one square
-  // root per element (sqrt(v)) serves the update and both second-moment encoders.
+  // root per element (sqrt(v)) serves the update and both second-moment encoders. And the new
+  // absmax of u = max(u_old, v) is max(us, absmax of v): the encoder gives a block's largest element
+  // code 255, which decodes to exactly us (us = 0 and NaN included), so no per-element max is needed.
   const acc_t root_us = AMSGRAD ? std::sqrt(us) : acc_t(0);
 
   acc_t mbuf[kBlock], rbuf[kBlock], ubuf[kBlock];
-  bits_t m_max = 0, v_max = 0, u_max = 0;
+  bits_t m_max = 0, v_max = 0;
   // Pass 1: decode, update in registers, keep the new moments (second moments as square roots).
-#pragma omp simd reduction(max : m_max, v_max, u_max)
+#pragma omp simd reduction(max : m_max, v_max)
   for (int64_t i = 0; i < len; ++i) {
     const acc_t qm = acc_t(mc[i]) * m_unit;
     const acc_t qv = acc_t(vc[i]) * v_unit, qv2 = qv * qv;
@@ -363,12 +365,10 @@ inline void step_block(const Tensor8bit<scalar_t>& T, int64_t start, int64_t blo
     update_moments<DECOUPLED, BELIEF, acc_t>(pi, acc_t(g[i]), mi, vi, s);
     const acc_t root_v = std::sqrt(vi);
     if (AMSGRAD) {
-      const acc_t qu = acc_t(uc[i]) * v_unit, qu2 = qu * qu;
-      const acc_t u_old = qu2 * qu2 * us, root_old = qu2 * root_us;
+      const acc_t qu = acc_t(uc[i]) * v_unit, root_old = qu * qu * root_us;
       const acc_t root_u = root_old > root_v ? root_old : root_v;
       apply_step(pi, mi, root_u, s);
       ubuf[i] = root_u;
-      u_max = std::max(u_max, magnitude_bits(u_old > vi ? u_old : vi));
     } else {
       apply_step(pi, mi, root_v, s);
     }
@@ -381,7 +381,10 @@ inline void step_block(const Tensor8bit<scalar_t>& T, int64_t start, int64_t blo
   // Pass 2: re-encode against the new absmax.
   finish_block<LEN>(mbuf, mc, T.m_absmax + block, len, from_bits<acc_t>(m_max));
   finish_block<LEN>(rbuf, vc, T.v_absmax + block, len, from_bits<acc_t>(v_max));
-  if (AMSGRAD) finish_block<LEN>(ubuf, uc, T.u_absmax + block, len, from_bits<acc_t>(u_max));
+  if (AMSGRAD) {
+    const acc_t u_abs = from_bits<acc_t>(std::max(magnitude_bits(us), v_max));
+    finish_block<LEN>(ubuf, uc, T.u_absmax + block, len, u_abs);
+  }
 }
 
 template <bool DECOUPLED, bool BELIEF, bool AMSGRAD, typename scalar_t>
