@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardwise.optim import quant
-from shardwise.optim.kernels import Bucket, compiled, run
+from shardwise.optim.kernels import Bucket, compiled, run, step_with
 from shardwise.optim.rule import Rule, step_scalars
 
 pytestmark = pytest.mark.slow  # each rule compiles once (~15 s on 2 cores)
@@ -35,32 +35,6 @@ def _bucket(params: list[torch.Tensor], bits: int) -> Bucket:
     )
 
 
-def _compiled_step(bucket: Bucket, rule: Rule, scalars) -> None:
-    if bucket.quantized:
-        compiled.adam_update_8bit(
-            bucket.params,
-            bucket.grads,
-            bucket.exp_avgs,
-            bucket.exp_avg_sqs,
-            bucket.max_exp_avg_sqs,
-            bucket.exp_avg_absmax,
-            bucket.exp_avg_sq_absmax,
-            bucket.max_exp_avg_sq_absmax,
-            rule=rule,
-            scalars=scalars,
-        )
-    else:
-        compiled.adam_update(
-            bucket.params,
-            bucket.grads,
-            bucket.exp_avgs,
-            bucket.exp_avg_sqs,
-            bucket.max_exp_avg_sqs,
-            rule=rule,
-            scalars=scalars,
-        )
-
-
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("rule", RULES, ids=["adamw_amsgrad", "adam_adabelief_maximize"])
 def test_compiled_path_matches_reference_and_compiles_once(rule, bits):
@@ -74,7 +48,7 @@ def test_compiled_path_matches_reference_and_compiles_once(rule, bits):
         ours.grads[0].copy_(grad)
         ref.grads[0].copy_(grad)
         scalars = step_scalars(rule, step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-        _compiled_step(ours, rule, scalars)
+        step_with(compiled, ours, rule=rule, scalars=scalars)
         run("reference", ref, rule=rule, scalars=scalars)
     # The per-step scalars are tensor inputs: ten steps with changing bias corrections, one graph.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -20,7 +20,7 @@ from ..rule import Rule, StepScalars
 from . import compiled, foreach, fused, reference
 
 IMPLS = ("reference", "foreach", "fused")
-_IMPLS = {"reference": reference.adam_update, "foreach": foreach.adam_update, "fused": fused.adam_update}
+_IMPLS = {"reference": reference.adam_update, "foreach": foreach.adam_update}
 
 
 @dataclass
@@ -52,34 +52,13 @@ def fused_available(device: torch.device) -> tuple[bool, str]:
 
 def run(impl: str, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
     """Apply one step of ``rule`` to ``bucket`` with implementation ``impl``."""
-    if impl == "fused" and bucket.params[0].device.type != "cpu":
-        _run_compiled(bucket, rule=rule, scalars=scalars)
-        return
-    if impl == "fused" and bucket.quantized:
-        fused.adam_update_8bit(
-            bucket.params,
-            bucket.grads,
-            bucket.exp_avgs,
-            bucket.exp_avg_sqs,
-            bucket.max_exp_avg_sqs,
-            bucket.exp_avg_absmax,
-            bucket.exp_avg_sq_absmax,
-            bucket.max_exp_avg_sq_absmax,
-            rule=rule,
-            scalars=scalars,
-        )
+    if impl == "fused":  # works on codes directly; off CPU it is the torch.compile path
+        backend = fused if bucket.params[0].device.type == "cpu" else compiled
+        step_with(backend, bucket, rule=rule, scalars=scalars)
         return
     update = _IMPLS[impl]
     if not bucket.quantized:
-        update(
-            bucket.params,
-            bucket.grads,
-            bucket.exp_avgs,
-            bucket.exp_avg_sqs,
-            bucket.max_exp_avg_sqs,
-            rule=rule,
-            scalars=scalars,
-        )
+        _full(update, bucket, rule=rule, scalars=scalars)
         return
     # The moments live in fp32 (fp64 for fp64 params) between decode and encode, whatever the
     # parameter dtype, exactly as in the fused kernel.
@@ -107,20 +86,12 @@ def run(impl: str, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
             quant.encode_into(x, c, a, signed=False)
 
 
-def _run_compiled(bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
-    """``impl="fused"`` off CPU: the torch.compile path of :mod:`.compiled`, 32- or 8-bit."""
+def step_with(backend, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
+    """One step with a backend that updates 8-bit codes itself (:mod:`.fused`, :mod:`.compiled`)."""
     if not bucket.quantized:
-        compiled.adam_update(
-            bucket.params,
-            bucket.grads,
-            bucket.exp_avgs,
-            bucket.exp_avg_sqs,
-            bucket.max_exp_avg_sqs,
-            rule=rule,
-            scalars=scalars,
-        )
+        _full(backend.adam_update, bucket, rule=rule, scalars=scalars)
         return
-    compiled.adam_update_8bit(
+    backend.adam_update_8bit(
         bucket.params,
         bucket.grads,
         bucket.exp_avgs,
@@ -129,6 +100,19 @@ def _run_compiled(bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
         bucket.exp_avg_absmax,
         bucket.exp_avg_sq_absmax,
         bucket.max_exp_avg_sq_absmax,
+        rule=rule,
+        scalars=scalars,
+    )
+
+
+def _full(update, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
+    """A full-precision bucket through any implementation's ``adam_update``."""
+    update(
+        bucket.params,
+        bucket.grads,
+        bucket.exp_avgs,
+        bucket.exp_avg_sqs,
+        bucket.max_exp_avg_sqs,
         rule=rule,
         scalars=scalars,
     )
