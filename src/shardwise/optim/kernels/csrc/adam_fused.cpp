@@ -153,9 +153,15 @@ inline acc_t from_bits(typename Bits<acc_t>::type b) {
   return __builtin_bit_cast(acc_t, b);
 }
 
-// Round to nearest, ties to even (the default rounding mode, as torch.round), straight to int.
+// Round to nearest, ties to even (the default rounding mode, as torch.round), straight to int:
+// GCC turns __builtin_irint into one vector convert; other compilers get the portable spelling.
+#if defined(__GNUC__) && !defined(__clang__)
 inline int32_t round_to_int(float x) { return __builtin_irintf(x); }
 inline int32_t round_to_int(double x) { return __builtin_irint(x); }
+#else
+inline int32_t round_to_int(float x) { return static_cast<int32_t>(std::nearbyint(x)); }
+inline int32_t round_to_int(double x) { return static_cast<int32_t>(std::nearbyint(x)); }
+#endif
 
 // quant.py's code maps, with the constants folded into one factor per block:
 //   signed:   c = sign(x) * round(sqrt(|x| * (127^2 / a)))      = round(127 * sqrt(|x| / a))
