@@ -152,6 +152,42 @@ def test_huge_lr_diverges_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for s in weights.values() for t in s.values() if torch.is_tensor(t))
 
 
+@pytest.mark.slow
+def test_nan_on_one_rank_skips_on_all_ranks_and_stops(tmp_path):
+    """cpu_ddp x2, rank 1's loss turns NaN from step 3: DDP's all-reduce carries the NaN gradients to
+    rank 0, both ranks skip the same updates, stop together after 3, and step 2's checkpoint stays."""
+    out = tmp_path / "run"
+    cmd = recipe_cmd(
+        "finetune_bert.py",
+        "bert_tiny.yaml",
+        f"train.output_dir={out}",
+        "train.max_consecutive_skips=3",
+        "train.checkpoint_every=1",
+        "train.keep_last=1",
+        "train.collective_timeout_s=60",
+        *FAST,
+        accelerate_config="cpu_ddp.yaml",
+    )
+    env = {
+        **os.environ,
+        "SHARDWISE_TEST_FAULTS": "nan_loss_from=3,nan_rank=1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    # Whichever rank reports first (the launcher then stops the other), it names the same steps:
+    # the NaN of rank 1 reached rank 0 through the gradient all-reduce.
+    diverged = "training diverged: the last 3 optimizer steps (3..5)"
+    assert diverged in output and "DivergenceError" not in output, output[-3000:]
+    assert "update skipped (2 so far)" in proc.stdout, output[-3000:]  # rank 0 saw the skips too
+    good = find_checkpoint(out, "latest")
+    assert good.name == "step_0000002" and checkpoint_problem(good) is None
+    assert [p.name for p in list_checkpoints(out)] == [good.name]
+    weights = torch.load(good / "optimizer.bin", weights_only=False)["state"]
+    assert all(torch.isfinite(t).all() for s in weights.values() for t in s.values() if torch.is_tensor(t))
+
+
 # ----------------------------------------------------------------------------------------------------
 # exact resume
 

@@ -2,8 +2,8 @@
 
 ``SHARDWISE_TEST_FAULTS`` is a comma-separated list of ``name=value``:
 
-- ``nan_loss_from=S``: from optimizer step S on, every micro-batch loss is made NaN (as a real
-  overflow would be) — the divergence guard's path;
+- ``nan_loss_from=S`` (with ``nan_rank=R``, default every rank): from optimizer step S on, every
+  micro-batch loss is made NaN (as a real overflow would be) — the divergence guard's path;
 - ``raise_at=S`` (with ``raise_rank=R``, default every rank): raise at optimizer step S — a rank dying;
 - ``slow_save=SECONDS``: sleep at each stage of a checkpoint save, so that a ``kill -9`` lands inside it.
 
@@ -41,10 +41,10 @@ def pause(stage: str) -> None:
         time.sleep(delay)
 
 
-def nan_loss(step: int) -> bool:
-    """True when the loss of (1-based) optimizer step ``step`` is to be poisoned."""
-    start = get("nan_loss_from")
-    return start is not None and step >= start
+def nan_loss(step: int, rank: int = 0) -> bool:
+    """True when this rank's loss of (1-based) optimizer step ``step`` is to be poisoned."""
+    start, who = get("nan_loss_from"), get("nan_rank")
+    return start is not None and step >= start and (who is None or rank == who)
 
 
 def maybe_raise(step: int, rank: int) -> None:

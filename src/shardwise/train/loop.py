@@ -220,7 +220,7 @@ def optimizer_steps(
             faults.maybe_raise(step + 1, accelerator.process_index)
             with accelerator.accumulate(model):
                 loss = loss_fn(model, batch)
-                if faults.nan_loss(step + 1):
+                if faults.nan_loss(step + 1, accelerator.process_index):
                     loss = loss * nan
                 # exactly 1.0 for a finite loss; NaN makes every gradient NaN (all-reduced to all ranks)
                 loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, nan)
