@@ -94,9 +94,12 @@ def test_cpu_ddp_starts_two_processes(tmp_path):
     from ._run import recipe_cmd
 
     script = tmp_path / "ranks.py"
+    # One write per rank: print() of several arguments may be several writes when stdout is
+    # unbuffered, and the two ranks share the pipe ("RANKRANK 0 2 ..." was seen in CI).
     script.write_text(
-        "from accelerate import Accelerator\na = Accelerator(cpu=True)\n"
-        "print('RANK', a.process_index, a.num_processes, a.distributed_type.value)\n"
+        "import os\nfrom accelerate import Accelerator\na = Accelerator(cpu=True)\n"
+        "line = f'RANK {a.process_index} {a.num_processes} {a.distributed_type.value}\\n'\n"
+        "os.write(1, line.encode())\n"
     )
     cmd = recipe_cmd("x.py", "x.yaml", accelerate_config="cpu_ddp.yaml")
     cmd = [*cmd[: cmd.index("--main_process_port") + 2], str(script)]
