@@ -82,7 +82,7 @@ def zero1(rank: int, world: int, tmp: str) -> None:
     for cls, kw in CASES:
         ref, sh = make_params(), make_params()
         o_ref, o_sh = cls(ref, lr=1e-2, **kw), cls(sh, lr=1e-2, shard=True, **kw)
-        o_sh._partition.bucket_numel = 4000  # several buckets per step
+        o_sh.partition.bucket_numel = 4000  # several buckets per step
         for i in range(4):
             set_grads(ref, i)
             set_grads(sh, i)

@@ -10,27 +10,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import quant
+from . import presets, quant
 from . import shard as sharding
-from .kernels import IMPLS, Bucket, fused, fused_available, run
+from .kernels import IMPLS, Bucket, resolve, run
 from .rule import VARIANTS, Rule, step_scalars
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 
+class _BucketKey(NamedTuple):
+    """What one kernel call shares: device, dtype, step, state format, contiguity."""
 
-def _absmax_key(key: str) -> str:
-    return f"{key}_absmax"
-
-
-def _is_8bit_entry(key: str, state: dict[str, Any]) -> bool:
-    """A per-block scale, or 8-bit codes (a moment stored beside its scales)."""
-    return key.endswith("_absmax") or _absmax_key(key) in state
+    device: torch.device
+    dtype: torch.dtype
+    step: int
+    format: quant.StateFormat
+    contiguous: bool
 
 
 class _AdamFamily(torch.optim.Optimizer):
@@ -90,9 +88,7 @@ class _AdamFamily(torch.optim.Optimizer):
     @classmethod
     def from_preset(cls, name: str, params: Iterable[Tensor] | Iterable[dict[str, Any]], **overrides: Any):
         """Build this optimizer with preset ``name``'s hyperparameters, ``overrides`` on top."""
-        from .presets import get_preset
-
-        return cls(params, **{**get_preset(name).optimizer_kwargs(), **overrides})
+        return cls(params, **{**presets.get_preset(name).optimizer_kwargs(), **overrides})
 
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -124,17 +120,17 @@ class _AdamFamily(torch.optim.Optimizer):
                 maximize=group["maximize"],
             )
             beta1, beta2 = group["betas"]
-            for (device, _dtype, step, _q, dense), bucket in self._buckets(group).items():
+            for key, bucket in self._buckets(group).items():
                 scalars = step_scalars(
                     rule,
-                    step,
+                    key.step,
                     lr=float(group["lr"]),
                     beta1=beta1,
                     beta2=beta2,
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                 )
-                run(self._impl_for(device, dense), bucket, rule=rule, scalars=scalars)
+                run(resolve(self.impl, key.device, key.contiguous), bucket, rule=rule, scalars=scalars)
         self._partition.after_step(self._all_params())
         if self.state_bits == 8 and not self._checked_8bit:
             self._checked_8bit = True
@@ -143,16 +139,16 @@ class _AdamFamily(torch.optim.Optimizer):
 
     def _warn_if_no_8bit_state(self) -> None:
         """state_bits=8 must never silently mean 32-bit: say so when no parameter qualifies."""
-        if self.state and not any(_absmax_key("exp_avg") in s for s in self.state.values()):
+        if self.state and not any(quant.StateFormat.of(s).eight_bit for s in self.state.values()):
             _warn_once(
                 "shardwise: state_bits=8 has no effect: every parameter is 1-D or has fewer than "
                 f"{quant.MIN_NUMEL} elements, so all optimizer state stays 32-bit (DeepSpeed ZeRO hands "
                 "the optimizer flat 1-D partitions; for sharded 8-bit state use shard=True or FSDP2)"
             )
 
-    def _buckets(self, group: dict[str, Any]) -> dict[tuple, Bucket]:
+    def _buckets(self, group: dict[str, Any]) -> dict[_BucketKey, Bucket]:
         """Group this step's work by (device, dtype, step, 8-bit?, contiguous?), creating state lazily."""
-        buckets: dict[tuple, Bucket] = {}
+        buckets: dict[_BucketKey, Bucket] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -169,70 +165,31 @@ class _AdamFamily(torch.optim.Optimizer):
             if len(state) == 0:
                 self._init_state(p, param, state, group)
             elif group["amsgrad"] and "max_exp_avg_sq" not in state:
-                self._add_max_state(param, state)
+                # amsgrad switched on for a group after state exists: start the max from v.
+                quant.StateFormat.of(state).copy_moment(state, "exp_avg_sq", "max_exp_avg_sq")
             state["step"] += 1
-            quantized = _absmax_key("exp_avg") in state
+            fmt = quant.StateFormat.of(state)
             # The fused kernel walks memory in logical order: strided (e.g. channels-last) params
             # go to their own bucket, which the multi-tensor path serves.
-            key = (param.device, param.dtype, int(state["step"]), quantized, param.is_contiguous())
+            key = _BucketKey(param.device, param.dtype, int(state["step"]), fmt, param.is_contiguous())
             if key not in buckets:
-                buckets[key] = Bucket(
-                    [],
-                    [],
-                    [],
-                    [],
-                    [] if group["amsgrad"] else None,
-                    *(([], [], [] if group["amsgrad"] else None) if quantized else ()),
-                )
-            b = buckets[key]
-            b.params.append(param)
-            b.grads.append(grad)
-            b.exp_avgs.append(sharding.local_tensor(state["exp_avg"]))
-            b.exp_avg_sqs.append(sharding.local_tensor(state["exp_avg_sq"]))
-            if group["amsgrad"]:
-                b.max_exp_avg_sqs.append(sharding.local_tensor(state["max_exp_avg_sq"]))
-            if quantized:
-                b.exp_avg_absmax.append(sharding.local_tensor(state["exp_avg_absmax"]))
-                b.exp_avg_sq_absmax.append(sharding.local_tensor(state["exp_avg_sq_absmax"]))
-                if group["amsgrad"]:
-                    b.max_exp_avg_sq_absmax.append(sharding.local_tensor(state["max_exp_avg_sq_absmax"]))
+                buckets[key] = Bucket.empty(amsgrad=group["amsgrad"], quantized=fmt.eight_bit)
+            values, scales = fmt.stored(state, _moments(group))
+            buckets[key].add(
+                param,
+                grad,
+                [sharding.local_tensor(t) for t in values],
+                None if scales is None else [sharding.local_tensor(t) for t in scales],
+            )
         return buckets
 
     def _init_state(self, p: Tensor, local: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # Like torch.optim: the step counter is a CPU scalar tensor (so state dicts interchange).
         state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-        keys = _MOMENTS if group["amsgrad"] else _MOMENTS[:2]
-        eight_bit = self.state_bits == 8 and quant.uses_8bit(p.shape)  # global shape, never the shard
-        for key in keys:
-            if eight_bit:
-                dtype = torch.int8 if _SIGNED[key] else torch.uint8
-                state[key] = self._partition.wrap_state(p, torch.zeros_like(local, dtype=dtype))
-                state[_absmax_key(key)] = self._partition.wrap_state(
-                    p, torch.zeros(quant.scales_shape(local.shape), dtype=torch.float32, device=local.device)
-                )
-            else:
-                state[key] = self._partition.wrap_state(p, torch.zeros_like(local))
-
-    def _add_max_state(self, local: Tensor, state: dict[str, Any]) -> None:
-        """amsgrad switched on for a group after state exists: start the max from the current v."""
-        if _absmax_key("exp_avg_sq") in state:
-            state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-            state["max_exp_avg_sq_absmax"] = state["exp_avg_sq_absmax"].clone()
-        else:
-            state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-
-    def _impl_for(self, device: torch.device, contiguous: bool = True) -> str:
-        if self.impl == "auto":
-            return "fused" if contiguous and fused.available(device) else "foreach"
-        if self.impl == "fused" and not contiguous:
-            _warn_once("shardwise: impl='fused' needs contiguous parameters; strided ones use 'foreach'")
-            return "foreach"
-        if self.impl == "fused":
-            ok, why = fused_available(device)
-            if not ok:
-                _warn_once(f"shardwise: fused kernel unavailable on {device.type} ({why}); using 'foreach'")
-                return "foreach"
-        return self.impl
+        fmt = quant.StateFormat.choose(self.state_bits, p.shape)  # global shape, never the shard
+        for moment in _moments(group):
+            for key, t in fmt.zeros(moment, local).items():
+                state[key] = self._partition.wrap_state(p, t)
 
     def _grads_finite(self) -> bool:
         """True when every gradient is finite, agreed across ranks when state is partitioned."""
@@ -256,43 +213,26 @@ class _AdamFamily(torch.optim.Optimizer):
         """Load a shardwise or torch.optim Adam/AdamW state dict, converting between 32-bit and
         8-bit storage as this optimizer's ``state_bits`` asks; with ``shard=True`` keeps this rank's
         part only."""
-        # torch casts every floating state tensor to the parameter's dtype; 8-bit scales must stay
-        # fp32, so they travel beside torch's loader.
-        # Likewise 8-bit codes must keep their int8/uint8 dtype (torch would cast them to p.dtype).
-        absmax = {
-            pid: {k: v for k, v in s.items() if _is_8bit_entry(k, s)}
-            for pid, s in state_dict["state"].items()
-        }
-        stripped = {
-            **state_dict,
-            "state": {
-                pid: {k: v for k, v in s.items() if not _is_8bit_entry(k, s)}
-                for pid, s in state_dict["state"].items()
-            },
-        }
-        super().load_state_dict(stripped)
+        split = {pid: quant.split_codec_entries(s) for pid, s in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": {pid: rest for pid, (_, rest) in split.items()}})
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         for pid, p in zip(ids, self._all_params()):
             state = self.state.get(p)
             if not state:
                 continue
-            for k, v in absmax.get(pid, {}).items():
-                state[k] = v.to(device=p.device, dtype=torch.float32 if k.endswith("_absmax") else v.dtype)
-            self._convert_storage(p, state)
+            for k, v in split.get(pid, ({}, {}))[0].items():
+                state[k] = quant.restore_codec_entry(k, v, p.device)
+            self.convert_state(p, state)
             self._partition.keep_local(p, state)
 
-    def _convert_storage(self, p: Tensor, state: dict[str, Any]) -> None:
-        """Re-encode loaded moments to this optimizer's storage (32-bit <-> 8-bit)."""
-        want_8bit = self.state_bits == 8 and quant.uses_8bit(p.shape)
-        for key in _MOMENTS:
-            if key not in state:
-                continue
-            is_8bit = _absmax_key(key) in state
-            if want_8bit and not is_8bit:
-                full = state[key].to(p.dtype) if state[key].dtype == torch.float64 else state[key]
-                state[key], state[_absmax_key(key)] = quant.encode(full, _SIGNED[key])
-            elif is_8bit and not want_8bit:
-                state[key] = quant.decode(state[key], state.pop(_absmax_key(key)), _SIGNED[key], p.dtype)
+    def convert_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Re-encode ``p``'s loaded ``state`` to this optimizer's storage (32-bit <-> 8-bit)."""
+        quant.StateFormat.choose(self.state_bits, p.shape).convert(state, p.dtype)
+
+    @property
+    def partition(self) -> sharding.Replicated | sharding.ZeroPartition:
+        """Where this optimizer's state lives across ranks (:mod:`shardwise.optim.shard`)."""
+        return self._partition
 
     # ----------------------------------------------------------------- introspection
     def state_bytes(self) -> int:
@@ -306,6 +246,7 @@ class _AdamFamily(torch.optim.Optimizer):
         return total
 
 
+@presets.register("adamw")
 class AdamW(_AdamFamily):
     r"""Adam-family optimizer with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -362,6 +303,7 @@ class AdamW(_AdamFamily):
         )
 
 
+@presets.register("adam")
 class Adam(_AdamFamily):
     r"""Adam-family optimizer with coupled (L2) weight decay: ``g <- g + weight_decay * p``.
 
@@ -426,6 +368,10 @@ def _validate(*, lr, betas, eps, weight_decay, variant, amsgrad) -> None:
         raise ValueError(f"Invalid variant: {variant!r} (expected one of {', '.join(map(repr, VARIANTS))})")
     if amsgrad and variant == "radam":
         raise ValueError("Invalid combination: amsgrad=True with variant='radam' (RAdam has no AMSGrad form)")
+
+
+def _moments(group: dict[str, Any]) -> tuple[str, ...]:
+    return quant.MOMENTS if group["amsgrad"] else quant.MOMENTS[:2]
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -29,14 +29,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 
-from .shard import Replicated, ZeroPartition, is_dtensor, local_tensor
+from .shard import Replicated, ZeroPartition, is_dtensor, local_shape_like, local_tensor
 
 
 def _mesh(partition: ZeroPartition):
     from torch.distributed.device_mesh import DeviceMesh
 
     group = partition.group if partition.group is not None else dist.group.WORLD
-    return DeviceMesh.from_group(group, device_type=partition._comm_device().type)
+    return DeviceMesh.from_group(group, device_type=partition.comm_device().type)
 
 
 def _shard0(local: Tensor, global_rows: int, mesh) -> Tensor:
@@ -61,7 +61,7 @@ def sharded_state_dict(optimizer) -> dict[str, Any]:
     ZeRO-1 pieces become DTensor ``Shard(0)`` views of the full state; FSDP2 state already is
     DTensor; unsharded state is plain (DCP treats it as replicated and writes it once).
     """
-    partition = optimizer._partition
+    partition = optimizer.partition
     mesh = _mesh(partition) if isinstance(partition, ZeroPartition) else None
     state: dict[str, dict[str, Any]] = {}
     for pid, p in enumerate(_params(optimizer)):
@@ -94,7 +94,7 @@ def load_sharded(optimizer, checkpoint_id: str | os.PathLike, **dcp_kwargs: Any)
     reader = dcp.FileSystemReader(checkpoint_id)
     metadata = reader.read_metadata().state_dict_metadata
     params = _params(optimizer)
-    partition = optimizer._partition
+    partition = optimizer.partition
     mesh = _mesh(partition) if isinstance(partition, ZeroPartition) else None
 
     entries: dict[str, dict[str, Any]] = {}
@@ -118,7 +118,7 @@ def load_sharded(optimizer, checkpoint_id: str | os.PathLike, **dcp_kwargs: Any)
                 local = torch.zeros((stop - start, *size[1:]), dtype=dtype, device=p.device)
                 target = _shard0(local, size[0], mesh)
         elif is_dtensor(p):
-            target = Replicated().wrap_state(p, torch.zeros(_local_rows_shape(p, size), dtype=dtype))
+            target = Replicated().wrap_state(p, torch.zeros(local_shape_like(p, size), dtype=dtype))
         else:
             target = torch.zeros(size, dtype=dtype, device=p.device)
         entries.setdefault(pid, {})[key] = target
@@ -145,16 +145,9 @@ def load_sharded(optimizer, checkpoint_id: str | os.PathLike, **dcp_kwargs: Any)
         state = {key: local_tensor(entry[key]) for key in keys}
         if "step" in state and len(state) == 1:
             continue  # this rank owns no rows of p
-        optimizer._convert_storage(p, state)  # 32-bit <-> 8-bit, row-local
+        optimizer.convert_state(p, state)  # 32-bit <-> 8-bit, row-local
         if is_dtensor(p):
             wrap = Replicated().wrap_state
             state = {k: v if k == "step" or v.ndim == 0 else wrap(p, v) for k, v in state.items()}
         optimizer.state[p] = state
 
-
-def _local_rows_shape(p: Tensor, size: tuple[int, ...]) -> tuple[int, ...]:
-    """Local shape of a state tensor of global ``size`` stored like DTensor parameter ``p``."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, _ = compute_local_shape_and_global_offset(torch.Size(size), p.device_mesh, p.placements)
-    return tuple(shape)

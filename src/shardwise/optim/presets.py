@@ -30,8 +30,21 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .adam import Adam, AdamW
 from .param_groups import param_groups
+
+#: Optimizer classes by preset ``optimizer`` name; :mod:`.adam` registers Adam and AdamW, so this
+#: module needs nothing above it (``Adam.from_preset`` reads presets, presets never import adam).
+_OPTIMIZERS: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: make ``cls`` the optimizer that presets naming ``name`` build."""
+
+    def add(cls: type) -> type:
+        _OPTIMIZERS[name] = cls
+        return cls
+
+    return add
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,9 @@ class Preset:
     use: str = ""
 
     @property
-    def optimizer_class(self) -> type[Adam] | type[AdamW]:
-        return AdamW if self.optimizer == "adamw" else Adam
+    def optimizer_class(self) -> type:
+        """``shardwise.optim.AdamW`` or ``Adam``."""
+        return _OPTIMIZERS[self.optimizer]
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         return dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)

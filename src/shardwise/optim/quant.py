@@ -158,3 +158,102 @@ def encode_into(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:
     new_codes, new_absmax = encode(x, signed)
     codes.copy_(new_codes)
     absmax.copy_(new_absmax)
+
+
+# ------------------------------------------------------------------------------ state format
+#: Optimizer-state moments, in the order kernels take them, and whether each is signed.
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+
+
+def _scale_key(moment: str) -> str:
+    return f"{moment}_absmax"
+
+
+class StateFormat:
+    """How one parameter's moments are stored: the only place that knows the codec's state keys.
+
+    32-bit: each moment under its torch.optim key, in the parameter's dtype. 8-bit: the moment's
+    key holds int8 (signed) / uint8 codes of the parameter's shape and ``<key>_absmax`` its fp32
+    per-block scales (:func:`scales_shape`). :meth:`choose` decides which a parameter gets,
+    :meth:`of` reads it back from existing state.
+    """
+
+    __slots__ = ("eight_bit",)
+
+    def __init__(self, eight_bit: bool) -> None:
+        self.eight_bit = eight_bit
+
+    def __repr__(self) -> str:
+        return f"StateFormat({'8' if self.eight_bit else '32'}-bit)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StateFormat) and other.eight_bit == self.eight_bit
+
+    def __hash__(self) -> int:
+        return hash(self.eight_bit)
+
+    @staticmethod
+    def choose(state_bits: int, shape: torch.Size | tuple[int, ...]) -> StateFormat:
+        """The format for a parameter of global ``shape`` under ``state_bits`` (never a shard's)."""
+        return EIGHT_BIT if state_bits == 8 and uses_8bit(shape) else FULL
+
+    @staticmethod
+    def of(state: dict) -> StateFormat:
+        """The format existing per-parameter ``state`` is in."""
+        return EIGHT_BIT if _scale_key("exp_avg") in state else FULL
+
+    def zeros(self, moment: str, like: Tensor) -> dict[str, Tensor]:
+        """Fresh (zero) storage for ``moment`` of a parameter (or shard) ``like``: key -> tensor."""
+        if not self.eight_bit:
+            return {moment: torch.zeros_like(like)}
+        codes = torch.zeros_like(like, dtype=torch.int8 if _SIGNED[moment] else torch.uint8)
+        scales = torch.zeros(scales_shape(like.shape), dtype=torch.float32, device=like.device)
+        return {moment: codes, _scale_key(moment): scales}
+
+    def stored(self, state: dict, moments: tuple[str, ...]) -> tuple[list[Tensor], list[Tensor] | None]:
+        """``moments``' tensors as kernels take them: (values or codes, scales or None)."""
+        values = [state[k] for k in moments]
+        return values, ([state[_scale_key(k)] for k in moments] if self.eight_bit else None)
+
+    def copy_moment(self, state: dict, src: str, dst: str) -> None:
+        """``state[dst] = copy of state[src]`` with its scales (AMSGrad switched on late)."""
+        state[dst] = state[src].clone()
+        if self.eight_bit:
+            state[_scale_key(dst)] = state[_scale_key(src)].clone()
+
+    def convert(self, state: dict, dtype: torch.dtype) -> None:
+        """Re-encode loaded per-parameter ``state`` into this format in place (32 <-> 8-bit);
+        decoded moments get ``dtype`` (the parameter's)."""
+        for key in MOMENTS:
+            if key not in state:
+                continue
+            scale_key = _scale_key(key)
+            is_8bit = scale_key in state
+            if self.eight_bit and not is_8bit:
+                full = state[key].to(dtype) if state[key].dtype == torch.float64 else state[key]
+                state[key], state[scale_key] = encode(full, _SIGNED[key])
+            elif is_8bit and not self.eight_bit:
+                state[key] = decode(state[key], state.pop(scale_key), _SIGNED[key], dtype)
+
+
+FULL = StateFormat(False)
+EIGHT_BIT = StateFormat(True)
+
+
+def split_codec_entries(state: dict) -> tuple[dict, dict]:
+    """Split per-parameter state into (codes and scales, everything else).
+
+    torch.optim's ``load_state_dict`` casts floating state to the parameter's dtype: 8-bit scales
+    must stay fp32 and codes int8/uint8, so they travel beside torch's loader.
+    """
+    codec, rest = {}, {}
+    for k, v in state.items():
+        is_codec = k.endswith("_absmax") or _scale_key(k) in state
+        (codec if is_codec else rest)[k] = v
+    return codec, rest
+
+
+def restore_codec_entry(key: str, value: Tensor, device: torch.device) -> Tensor:
+    """A codec entry from :func:`split_codec_entries` on ``device``, scales back in fp32."""
+    return value.to(device=device, dtype=torch.float32 if key.endswith("_absmax") else value.dtype)

@@ -111,6 +111,14 @@ def _local_slice(full: Tensor, mesh: Any, placements: Any) -> Tensor:
     return piece
 
 
+def local_shape_like(p: Tensor, size: tuple[int, ...]) -> tuple[int, ...]:
+    """This rank's shape of a state tensor of global ``size`` stored like DTensor parameter ``p``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, _ = compute_local_shape_and_global_offset(torch.Size(size), p.device_mesh, p.placements)
+    return tuple(shape)
+
+
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     stride, acc = [], 1
     for n in reversed(shape):
@@ -169,11 +177,11 @@ class ZeroPartition:
         return local_state
 
     def all_agree(self, flag: bool) -> bool:
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._comm_device())
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
 
-    def _comm_device(self) -> torch.device:
+    def comm_device(self) -> torch.device:
         backend = dist.get_backend(self.group)
         if backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())

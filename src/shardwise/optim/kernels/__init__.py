@@ -10,6 +10,7 @@ same signature, and re-encode (:mod:`shardwise.optim.quant`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,18 +44,67 @@ class Bucket:
     def quantized(self) -> bool:
         return self.exp_avg_absmax is not None
 
+    @classmethod
+    def empty(cls, *, amsgrad: bool, quantized: bool) -> Bucket:
+        lists = lambda: ([], [], [] if amsgrad else None)
+        return cls([], [], *lists(), *(lists() if quantized else ()))
+
+    def add(self, param: Tensor, grad: Tensor, values: list[Tensor], scales: list[Tensor] | None) -> None:
+        """One parameter: its moments (values or codes) and, for 8-bit state, their scales, in
+        :data:`shardwise.optim.quant.MOMENTS` order."""
+        self.params.append(param)
+        self.grads.append(grad)
+        for dst, t in zip((self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs), values):
+            dst.append(t)
+        if scales is not None:
+            scale_lists = (self.exp_avg_absmax, self.exp_avg_sq_absmax, self.max_exp_avg_sq_absmax)
+            for dst, t in zip(scale_lists, scales):
+                dst.append(t)
+
+
+def _fused_backend(device: torch.device):
+    """What ``impl="fused"`` means on ``device``: the native C++ kernel on CPU, torch.compile
+    elsewhere. The only place that makes this choice."""
+    return fused if device.type == "cpu" else compiled
+
 
 def fused_available(device: torch.device) -> tuple[bool, str]:
-    """Whether ``impl="fused"`` runs on ``device`` (native kernel on CPU, torch.compile elsewhere)."""
-    backend = fused if device.type == "cpu" else compiled
+    """Whether ``impl="fused"`` runs on ``device``, and why not."""
+    backend = _fused_backend(device)
     return backend.available(device), backend.why_unavailable(device)
 
 
+def resolve(impl: str, device: torch.device, contiguous: bool = True) -> str:
+    """The implementation that runs a bucket on ``device`` when the optimizer was built with
+    ``impl`` ("auto" included): "auto" takes the native fused kernel where it exists (CPU) and
+    ``foreach`` elsewhere (the compiled path is opt-in until measured on a GPU); "fused" falls back
+    to ``foreach``, with a warning once, for strided parameters or where it cannot run."""
+    if impl == "auto":
+        return "fused" if contiguous and device.type == "cpu" and fused.available(device) else "foreach"
+    if impl == "fused" and not contiguous:
+        _warn_once("shardwise: impl='fused' needs contiguous parameters; strided ones use 'foreach'")
+        return "foreach"
+    if impl == "fused":
+        ok, why = fused_available(device)
+        if not ok:
+            _warn_once(f"shardwise: fused kernel unavailable on {device.type} ({why}); using 'foreach'")
+            return "foreach"
+    return impl
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
 def run(impl: str, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
-    """Apply one step of ``rule`` to ``bucket`` with implementation ``impl``."""
-    if impl == "fused":  # works on codes directly; off CPU it is the torch.compile path
-        backend = fused if bucket.params[0].device.type == "cpu" else compiled
-        step_with(backend, bucket, rule=rule, scalars=scalars)
+    """Apply one step of ``rule`` to ``bucket`` with a resolved implementation ``impl``."""
+    if impl == "fused":  # works on codes directly
+        step_with(_fused_backend(bucket.params[0].device), bucket, rule=rule, scalars=scalars)
         return
     update = _IMPLS[impl]
     if not bucket.quantized:

@@ -43,7 +43,7 @@ constexpr float kUnsignedMax = 255.0f;
 
 template <typename acc_t>
 struct Scalars {
-  acc_t beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor, eps, step_size,
+  acc_t beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor, eps, step_size,
       denom_scale, denom_eps, grad_sign;
 };
 
@@ -75,9 +75,10 @@ inline void apply_step(acc_t& p, acc_t m, acc_t root, const Scalars<acc_t>& s) {
 template <typename acc_t>
 Scalars<acc_t> make_scalars(double beta1, double beta2, double weight_decay, double decay_factor, double eps,
                             double step_size, double denom_scale, double denom_eps, bool maximize) {
-  return Scalars<acc_t>{acc_t(beta1),        acc_t(beta2),     acc_t(1.0 - beta1), acc_t(1.0 - beta2),
-                        acc_t(weight_decay), acc_t(decay_factor), acc_t(eps),     acc_t(step_size),
-                        acc_t(denom_scale),  acc_t(denom_eps), acc_t(maximize ? -1.0 : 1.0)};
+  // 1 - beta in double, then rounded once (as the other implementations compute it).
+  return Scalars<acc_t>{acc_t(beta2),        acc_t(1.0 - beta1),   acc_t(1.0 - beta2), acc_t(weight_decay),
+                        acc_t(decay_factor), acc_t(eps),           acc_t(step_size),   acc_t(denom_scale),
+                        acc_t(denom_eps),    acc_t(maximize ? -1.0 : 1.0)};
 }
 
 template <typename T>
