@@ -390,3 +390,75 @@ def deepspeed_zero(rank: int, world: int, tmp: str, stage: int) -> None:
         assert isinstance(base, AdamW), type(base)
         assert base.state_bytes() <= 8 * n_params / world + 64, (base.state_bytes(), n_params)
         accelerator.free_memory()
+
+
+# ----------------------------------------------------------------------------------------- HF Trainer
+class _Regressor(torch.nn.Module):
+    """A Trainer-compatible model: forward(x, labels) -> {"loss": ...}; a 300x16 weight gets 8-bit
+    state, the biases and the head keep 32-bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.Tanh(), torch.nn.Linear(300, 1))
+
+    def forward(self, x, labels):
+        return {"loss": (self.body(x).squeeze(-1) - labels).square().mean()}
+
+
+def _trainer(tmp: str, run: str, *, callback: bool, max_steps: int = 6):
+    from transformers import Trainer, TrainingArguments
+
+    from shardwise.optim.hf import ShardwiseTrainerCallback
+
+    g = torch.Generator().manual_seed(7)
+    xs = torch.randn(64, 16, generator=g)
+    data = [{"x": x, "labels": x.sum() / 4} for x in xs]
+    args = TrainingArguments(
+        output_dir=os.path.join(tmp, run),
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        logging_steps=1000,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    args.device  # noqa: B018 - sets up the process group (gloo), which shard=True needs
+    assert dist.is_initialized() and dist.get_world_size() == 2
+    model = _Regressor()
+    opt = AdamW(model.parameters(), lr=1e-2, impl="foreach", state_bits=8, shard=True)
+    callbacks = [ShardwiseTrainerCallback()] if callback else []
+    return Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None), callbacks=callbacks)
+
+
+def hf_trainer_shard(rank: int, world: int, tmp: str) -> None:
+    """Trainer saves on rank 0 only; with the callback, sharded state saves and resumes exactly."""
+    full = _trainer(tmp, "full", callback=True)
+    full.train()
+    expected = [p.detach().clone() for p in full.model.parameters()]
+    opt = full.optimizer.optimizer  # accelerate's wrapper around ours
+    full_state = opt.state_dict()["state"].values()  # a collective, on both ranks
+    full_bytes = sum(t.numel() * t.element_size() for s in full_state for k, t in s.items() if k != "step")
+    assert opt.state_bytes() < 0.6 * full_bytes  # sharded while training
+    ckpt3 = os.path.join(tmp, "full", "checkpoint-3")
+    saved = torch.load(os.path.join(ckpt3, "optimizer.pt"), weights_only=True)
+    w = saved["state"][0]
+    assert w["exp_avg"].shape == (300, 16) and w["exp_avg"].dtype == torch.int8, (w["exp_avg"].shape,)
+    assert float(w["step"]) == 3
+
+    resumed = _trainer(tmp, "resumed", callback=True)
+    resumed.train(resume_from_checkpoint=ckpt3)
+    assert_params_equal(list(resumed.model.parameters()), expected)
+
+
+def hf_trainer_shard_no_callback(rank: int, world: int, tmp: str) -> None:
+    """Without the callback, the rank-0-only save fails at once with the fix in the message."""
+    _trainer(tmp, "nocb", callback=False, max_steps=3).train()

@@ -140,3 +140,16 @@ def test_accelerate_ddp_save_load_state(tmp_path):
 def test_deepspeed_zero_via_accelerate(tmp_path, stage):
     pytest.importorskip("deepspeed")
     run_workers(w.deepspeed_zero, str(tmp_path), stage, timeout=480)
+
+
+# ----------------------------------------------------------------------------------------- HF Trainer
+@pytest.mark.slow
+def test_hf_trainer_shard_save_and_resume(tmp_path):
+    """transformers.Trainer under 2-process DDP with shard=True: saves (rank 0 only) and resumes."""
+    run_workers(w.hf_trainer_shard, str(tmp_path), timeout=300)
+
+
+@pytest.mark.slow
+def test_hf_trainer_shard_without_callback_fails_fast(tmp_path):
+    with pytest.raises(AssertionError, match="ShardwiseTrainerCallback"):
+        run_workers(w.hf_trainer_shard_no_callback, str(tmp_path), timeout=180)

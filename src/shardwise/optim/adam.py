@@ -8,6 +8,7 @@ ZeRO-1 partitioning and DTensor shards are :mod:`shardwise.optim.shard`.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -34,25 +35,36 @@ class _BucketKey(NamedTuple):
 class _AdamFamily(torch.optim.Optimizer):
     """Shared machinery of :class:`Adam` and :class:`AdamW` (they differ only in weight decay)."""
 
-    decoupled_weight_decay: bool
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        betas: tuple[float, float],
+        lr: float | Tensor,
+        betas: tuple[float | Tensor, float | Tensor],
         eps: float,
         weight_decay: float,
-        *,
         amsgrad: bool,
+        *,
+        maximize: bool,
+        foreach: bool | None,
+        capturable: bool,
+        differentiable: bool,
+        fused: bool | None,
+        decoupled_weight_decay: bool,
         variant: str,
         impl: str,
         state_bits: int,
-        maximize: bool,
         shard: bool | Any,
         skip_nonfinite: bool,
     ) -> None:
+        betas = _torch_checks(lr, betas, foreach=foreach, fused=fused)
         _validate(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, variant=variant, amsgrad=amsgrad)
+        for name, value, instead in (
+            ("capturable", capturable, "CUDA-graph capture of the step is not implemented"),
+            ("differentiable", differentiable, "the step runs under no_grad; use torch.optim.Adam(W) for "
+             "differentiable=True (meta-learning through the optimizer)"),
+        ):  # fmt: skip
+            if value:
+                raise NotImplementedError(f"shardwise Adam/AdamW: {name}=True is not supported ({instead})")
         if impl not in ("auto", *IMPLS):
             raise ValueError(
                 f"Invalid impl: {impl!r} (expected one of 'auto', {', '.join(map(repr, IMPLS))})"
@@ -61,28 +73,39 @@ class _AdamFamily(torch.optim.Optimizer):
             raise ValueError(f"Invalid state_bits: {state_bits!r} (expected 32 or 8)")
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
-            variant=variant,
             maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            variant=variant,
         )
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate(**{k: group[k] for k in ("lr", "betas", "eps", "weight_decay", "variant", "amsgrad")})
-            for p in group["params"]:
-                if p.is_complex():
-                    raise ValueError(
-                        "shardwise Adam does not support complex parameters (use torch.view_as_real)"
-                    )
-        self.impl = impl
+        self.impl = _impl_from_torch_flags(impl, foreach=foreach, fused=fused)
         self.state_bits = state_bits
         self.skip_nonfinite = skip_nonfinite
-        self._checked_8bit = False
         #: Steps skipped because a gradient held inf/nan (only counted with ``skip_nonfinite=True``).
         self.skipped_steps = 0
+        self._checked_8bit = False
+        self._shard_arg = shard
         self._partition = sharding.make_partition(shard_arg=shard, params=self._all_params())
+        self._prepared_state_dict: dict[str, Any] | None = None
+        # torch.amp.GradScaler hands optimizers that declare this its scale and found-inf flag
+        # instead of unscaling the gradients in a separate pass: the fused kernels fold 1/scale
+        # into the gradient read (``grad_scale`` / ``found_inf`` attributes, read by step()).
+        if self.impl == "fused":
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["betas"] = _torch_checks(group["lr"], group["betas"], foreach=None, fused=None)
+        _validate(**{k: group[k] for k in ("lr", "betas", "eps", "weight_decay", "variant", "amsgrad")})
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
@@ -93,13 +116,47 @@ class _AdamFamily(torch.optim.Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    # ----------------------------------------------------------------- copy, pickle, print
+    _OWN = ("impl", "state_bits", "skip_nonfinite", "skipped_steps", "_checked_8bit", "_shard_arg")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._OWN})
+        state["_partition"] = self._partition  # ZeRO-1: re-binds to its process group on load
+        if getattr(self, "_step_supports_amp_scaling", False):
+            state["_step_supports_amp_scaling"] = True
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        own = {
+            k: state.pop(k) for k in (*self._OWN, "_partition", "_step_supports_amp_scaling") if k in state
+        }
         super().__setstate__(state)
-        # A torch.optim.Adam(W) state dict has none of these keys: give them their defaults.
+        self.__dict__.update(own)
+        self.__dict__.setdefault("_prepared_state_dict", None)
+        # Older shardwise and torch.optim.Adam(W) state dicts lack some keys: torch's defaults.
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", self._default_decoupled)
             group.setdefault("variant", "adam")
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        shard = self._shard_arg if isinstance(self._shard_arg, bool) else type(self._shard_arg).__name__
+        lines.append(
+            f"Optimizer: impl={self.impl!r}, state_bits={self.state_bits}, shard={shard}, "
+            f"skip_nonfinite={self.skip_nonfinite}, skipped_steps={self.skipped_steps}"
+        )
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {k}: {group[k]}" for k in sorted(group) if k != "params")
+        lines.append(")")
+        return "\n".join(lines)
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -109,6 +166,13 @@ class _AdamFamily(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._prepared_state_dict = None
+        # Set by torch.amp.GradScaler when _step_supports_amp_scaling (impl="fused"): the
+        # gradients are still scaled; skip the step if any was inf/nan, else unscale on the fly.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return loss
+        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         if self.skip_nonfinite and not self._grads_finite():
             self.skipped_steps += 1
             return loss
@@ -116,7 +180,7 @@ class _AdamFamily(torch.optim.Optimizer):
             rule = Rule(
                 variant=group["variant"],
                 amsgrad=group["amsgrad"],
-                decoupled=self.decoupled_weight_decay,
+                decoupled=group["decoupled_weight_decay"],
                 maximize=group["maximize"],
             )
             beta1, beta2 = group["betas"]
@@ -129,6 +193,7 @@ class _AdamFamily(torch.optim.Optimizer):
                     beta2=beta2,
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
+                    grad_scale=inv_scale,
                 )
                 run(resolve(self.impl, key.device, key.contiguous), bucket, rule=rule, scalars=scalars)
         self._partition.after_step(self._all_params())
@@ -168,6 +233,8 @@ class _AdamFamily(torch.optim.Optimizer):
                 # amsgrad switched on for a group after state exists: start the max from v.
                 quant.StateFormat.of(state).copy_moment(state, "exp_avg_sq", "max_exp_avg_sq")
             state["step"] += 1
+            if param.is_complex():  # as torch.optim: a complex number is two independent reals
+                param, grad = torch.view_as_real(param), torch.view_as_real(grad)
             fmt = quant.StateFormat.of(state)
             # The fused kernel walks memory in logical order: strided (e.g. channels-last) params
             # go to their own bucket, which the multi-tensor path serves.
@@ -178,7 +245,7 @@ class _AdamFamily(torch.optim.Optimizer):
             buckets[key].add(
                 param,
                 grad,
-                [sharding.local_tensor(t) for t in values],
+                [_real(sharding.local_tensor(t)) for t in values],
                 None if scales is None else [sharding.local_tensor(t) for t in scales],
             )
         return buckets
@@ -186,7 +253,7 @@ class _AdamFamily(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, local: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # Like torch.optim: the step counter is a CPU scalar tensor (so state dicts interchange).
         state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-        fmt = quant.StateFormat.choose(self.state_bits, p.shape)  # global shape, never the shard
+        fmt = quant.StateFormat.choose(self.state_bits, p)  # the global parameter, never the shard
         for moment in _moments(group):
             for key, t in fmt.zeros(moment, local).items():
                 state[key] = self._partition.wrap_state(p, t)
@@ -205,14 +272,32 @@ class _AdamFamily(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Like ``torch.optim``'s, in a format independent of world size and of ``state_bits``'s
         storage: 32-bit state uses torch's keys exactly; 8-bit moments are int8/uint8 codes with
-        ``<key>_absmax`` fp32 scales (layout in :mod:`shardwise.optim.quant`). With ``shard=True``
-        this is a collective: every rank returns the full state."""
+        ``<key>_absmax`` fp32 scales (layout in :mod:`shardwise.optim.quant`). Param groups carry
+        torch.optim.Adam(W)'s keys plus ``variant``.
+
+        With ``shard=True`` this is a collective (every rank must call it; every rank gets the full
+        state), unless :meth:`prepare_state_dict` ran since the last step: then it returns that
+        state with no communication, so one rank alone may call it (HF ``Trainer`` saves on rank 0
+        only: :class:`shardwise.optim.hf.ShardwiseTrainerCallback` prepares it on every rank)."""
+        if self._prepared_state_dict is not None:
+            return self._prepared_state_dict
+        if isinstance(self._partition, sharding.ZeroPartition) and self._partition.world > 1:
+            _refuse_single_rank_trainer_save()
         return self._partition.full_state_dict(super().state_dict())
+
+    def prepare_state_dict(self) -> None:
+        """Collective (``shard=True``): gather the full state now, on every rank, so that the next
+        :meth:`state_dict` calls until :meth:`step` or :meth:`load_state_dict` need no
+        communication and may be made by any subset of ranks. A no-op without sharding."""
+        if isinstance(self._partition, sharding.ZeroPartition):
+            self._prepared_state_dict = None
+            self._prepared_state_dict = self._partition.full_state_dict(super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a shardwise or torch.optim Adam/AdamW state dict, converting between 32-bit and
         8-bit storage as this optimizer's ``state_bits`` asks; with ``shard=True`` keeps this rank's
         part only."""
+        self._prepared_state_dict = None
         split = {pid: quant.split_codec_entries(s) for pid, s in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": {pid: rest for pid, (_, rest) in split.items()}})
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -227,7 +312,7 @@ class _AdamFamily(torch.optim.Optimizer):
 
     def convert_state(self, p: Tensor, state: dict[str, Any]) -> None:
         """Re-encode ``p``'s loaded ``state`` to this optimizer's storage (32-bit <-> 8-bit)."""
-        quant.StateFormat.choose(self.state_bits, p.shape).convert(state, p.dtype)
+        quant.StateFormat.choose(self.state_bits, p).convert(state, p.dtype)
 
     @property
     def partition(self) -> sharding.Replicated | sharding.ZeroPartition:
@@ -255,35 +340,49 @@ class AdamW(_AdamFamily):
     ``"radam"`` matches ``torch.optim.RAdam(decoupled_weight_decay=True)``, ``"adabelief"`` matches
     ``adabelief_pytorch.AdaBelief(weight_decouple=True, rectify=False, fixed_decay=False)``.
 
+    ``torch.optim.AdamW``'s signature comes first, unchanged (a drop-in), then shardwise's own
+    keywords; docs/optimizer.md maps the arguments of torch.optim, bitsandbytes and torchao.
+
     Args:
-        params: parameters or param-group dicts (see :func:`shardwise.optim.param_groups`).
-        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts
+            (see :func:`shardwise.optim.param_groups`).
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (a 1-element tensor ``lr`` or
+            ``betas`` is read as its value).
         amsgrad: keep the running maximum of the second moment (Reddi et al., 2018).
+        maximize: maximize the objective instead of minimizing it.
+        foreach, fused: torch's implementation switches, mapped to ``impl``: ``fused=True`` ->
+            ``"fused"``, ``foreach=True`` -> ``"foreach"``, ``foreach=False`` (and ``fused``
+            not True) -> ``"reference"``, ``fused=False`` -> ``"foreach"``. A contradiction with an
+            explicit ``impl`` raises ``ValueError``.
+        capturable, differentiable: only ``False`` (``True`` raises ``NotImplementedError``).
         variant: ``"adam"`` | ``"radam"`` | ``"adabelief"``.
         impl: ``"reference"`` | ``"foreach"`` | ``"fused"`` | ``"auto"`` (fastest available).
         state_bits: 32, or 8 for blockwise 8-bit moments (:mod:`shardwise.optim.quant`).
-        maximize: maximize the objective instead of minimizing it.
         shard: ZeRO-1: partition optimizer state over the default process group (``True``) or a
             given ``ProcessGroup``. DTensor (FSDP2) parameters need no flag.
         skip_nonfinite: skip (and count in ``skipped_steps``) any step whose gradients hold inf or
             nan, leaving parameters and state untouched. All ranks agree to skip.
     """
 
-    decoupled_weight_decay = True
+    _default_decoupled = True
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        *,
         amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         variant: str = "adam",
         impl: str = "auto",
         state_bits: int = 32,
-        maximize: bool = False,
         shard: bool | Any = False,
         skip_nonfinite: bool = False,
     ) -> None:
@@ -293,40 +392,57 @@ class AdamW(_AdamFamily):
             betas,
             eps,
             weight_decay,
-            amsgrad=amsgrad,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
             variant=variant,
             impl=impl,
             state_bits=state_bits,
-            maximize=maximize,
             shard=shard,
             skip_nonfinite=skip_nonfinite,
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # as torch.optim.AdamW: always decoupled, whatever was loaded
+            group["decoupled_weight_decay"] = True
 
 
 @presets.register("adam")
 class Adam(_AdamFamily):
-    r"""Adam-family optimizer with coupled (L2) weight decay: ``g <- g + weight_decay * p``.
+    r"""Adam-family optimizer; weight decay coupled (L2, ``g <- g + weight_decay * p``) unless
+    ``decoupled_weight_decay=True``, which makes it :class:`AdamW` (as in ``torch.optim.Adam``).
 
     ``variant="adam"`` matches ``torch.optim.Adam``, ``"radam"`` matches ``torch.optim.RAdam``,
     ``"adabelief"`` matches ``adabelief_pytorch.AdaBelief(weight_decouple=False, rectify=False)``.
-    Arguments as :class:`AdamW`; ``weight_decay`` defaults to 0.
+    ``torch.optim.Adam``'s signature first, then the keywords of :class:`AdamW`; ``weight_decay``
+    defaults to 0.
     """
 
-    decoupled_weight_decay = False
+    _default_decoupled = False
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        *,
         amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
         variant: str = "adam",
         impl: str = "auto",
         state_bits: int = 32,
-        maximize: bool = False,
         shard: bool | Any = False,
         skip_nonfinite: bool = False,
     ) -> None:
@@ -336,14 +452,63 @@ class Adam(_AdamFamily):
             betas,
             eps,
             weight_decay,
-            amsgrad=amsgrad,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
             variant=variant,
             impl=impl,
             state_bits=state_bits,
-            maximize=maximize,
             shard=shard,
             skip_nonfinite=skip_nonfinite,
         )
+
+
+def _torch_checks(lr, betas, *, foreach, fused) -> tuple[float, float]:
+    """torch.optim.Adam's checks on tensor ``lr`` / ``betas`` and on its flags (same messages);
+    returns the betas as floats."""
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if isinstance(lr, Tensor) and foreach:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (expected two values)")
+    tensors = [isinstance(b, Tensor) for b in betas]
+    if any(tensors) and not all(tensors):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, Tensor):
+            if foreach:
+                raise ValueError(
+                    f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    return tuple(float(b) if isinstance(b, Tensor) else b for b in betas)
+
+
+def _impl_from_torch_flags(impl: str, *, foreach: bool | None, fused: bool | None) -> str:
+    """torch's ``foreach`` / ``fused`` switches as an ``impl``; a contradiction raises."""
+    if fused:
+        wanted, flag = "fused", "fused=True"
+    elif foreach:
+        wanted, flag = "foreach", "foreach=True"
+    elif foreach is False:  # torch's for-loop implementation (fused is never torch's default)
+        wanted, flag = "reference", "foreach=False"
+        if impl == "fused":  # fused=None, foreach=False, impl="fused": no contradiction
+            return impl
+    elif fused is False:
+        wanted, flag = "foreach", "fused=False"
+        if impl in ("reference", "foreach"):
+            return impl
+    else:
+        return impl
+    if impl not in ("auto", wanted):
+        raise ValueError(f"Conflicting arguments: impl={impl!r} with {flag} (which means impl={wanted!r})")
+    return wanted
 
 
 def _validate(*, lr, betas, eps, weight_decay, variant, amsgrad) -> None:
@@ -356,8 +521,6 @@ def _validate(*, lr, betas, eps, weight_decay, variant, amsgrad) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas} (expected two values)")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
@@ -370,12 +533,36 @@ def _validate(*, lr, betas, eps, weight_decay, variant, amsgrad) -> None:
         raise ValueError("Invalid combination: amsgrad=True with variant='radam' (RAdam has no AMSGrad form)")
 
 
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _moments(group: dict[str, Any]) -> tuple[str, ...]:
     return quant.MOMENTS if group["amsgrad"] else quant.MOMENTS[:2]
 
 
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _refuse_single_rank_trainer_save() -> None:
+    """HF Trainer calls ``optimizer.state_dict()`` on rank 0 only: a collective there would hang
+    (or fail with mismatched collectives). Fail at once instead, naming the fix."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        if (
+            frame.f_code.co_name == "_save_optimizer_and_scheduler"
+            and "transformers" in frame.f_code.co_filename
+        ):
+            raise RuntimeError(
+                "shardwise AdamW(shard=True) under transformers.Trainer: Trainer saves the optimizer "
+                "on rank 0 only, while gathering sharded state needs every rank. Pass "
+                "callbacks=[shardwise.optim.hf.ShardwiseTrainerCallback()] to Trainer (it gathers the "
+                "state on every rank just before each save)."
+            )
+        frame = frame.f_back
 
 
 _warned: set[str] = set()

@@ -150,4 +150,3 @@ def load_sharded(optimizer, checkpoint_id: str | os.PathLike, **dcp_kwargs: Any)
             wrap = Replicated().wrap_state
             state = {k: v if k == "step" or v.ndim == 0 else wrap(p, v) for k, v in state.items()}
         optimizer.state[p] = state
-

@@ -194,9 +194,16 @@ class StateFormat:
         return hash(self.eight_bit)
 
     @staticmethod
-    def choose(state_bits: int, shape: torch.Size | tuple[int, ...]) -> StateFormat:
-        """The format for a parameter of global ``shape`` under ``state_bits`` (never a shard's)."""
-        return EIGHT_BIT if state_bits == 8 and uses_8bit(shape) else FULL
+    def choose(state_bits: int, param: Tensor) -> StateFormat:
+        """The format for ``param`` (the global parameter, never a shard) under ``state_bits``.
+
+        Complex parameters keep 32-bit state: torch.optim stores their moments as complex tensors,
+        which keeps their state dicts interchangeable, and they are rare and small (FFT filters,
+        complex-valued layers), so 8-bit storage would save little.
+        """
+        if state_bits == 8 and uses_8bit(param.shape) and not param.is_complex():
+            return EIGHT_BIT
+        return FULL
 
     @staticmethod
     def of(state: dict) -> StateFormat:

@@ -67,6 +67,9 @@ class StepScalars:
     step_size: float
     denom_scale: float
     denom_eps: float
+    #: Multiplier of the raw gradient before the rule: ``1 / scale`` when ``torch.amp.GradScaler``
+    #: hands the optimizer scaled gradients (1.0 otherwise).
+    grad_scale: float = 1.0
 
     @property
     def decay_factor(self) -> float:
@@ -75,7 +78,15 @@ class StepScalars:
 
 
 def step_scalars(
-    rule: Rule, step: int, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
+    rule: Rule,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: float = 1.0,
 ) -> StepScalars:
     """Bias corrections and (for RAdam) rectification for 1-based ``step``."""
     bc1 = 1.0 - beta1**step
@@ -100,4 +111,5 @@ def step_scalars(
         step_size=step_size,
         denom_scale=denom_scale,
         denom_eps=denom_eps,
+        grad_scale=grad_scale,
     )

@@ -150,6 +150,27 @@ class ZeroPartition:
         self.world = dist.get_world_size(group)
         self.bucket_numel = bucket_numel
 
+    # ------------------------------------------------------------------ copy, pickle
+    def __deepcopy__(self, memo: dict) -> ZeroPartition:
+        """A copy on the same process group (a communicator is shared, never copied)."""
+        twin = object.__new__(ZeroPartition)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.group is not None:
+            raise TypeError(
+                "cannot pickle an optimizer sharded over a custom ProcessGroup (shard=<group>); "
+                "pickle its state_dict() instead"
+            )
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled inside a process group: this process's rank and world size, not the saver's."""
+        self.__dict__.update(state)
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
     # ------------------------------------------------------------------ layout
     def bounds(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
         """Rows of ``p`` that ``rank`` (default: this rank) owns; a 0-d ``p`` is one row."""

@@ -11,7 +11,7 @@ same signature, and re-encode (:mod:`shardwise.optim.quant`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -103,8 +103,13 @@ def _warn_once(message: str) -> None:
 
 def run(impl: str, bucket: Bucket, *, rule: Rule, scalars: StepScalars) -> None:
     """Apply one step of ``rule`` to ``bucket`` with a resolved implementation ``impl``."""
-    if impl == "fused":  # works on codes directly
-        step_with(_fused_backend(bucket.params[0].device), bucket, rule=rule, scalars=scalars)
+    backend = _fused_backend(bucket.params[0].device) if impl == "fused" else None
+    if scalars.grad_scale != 1.0 and backend is not fused:
+        # Only the native kernel folds GradScaler's 1/scale into its gradient read; the others
+        # unscale a copy first (the user's .grad stays as GradScaler left it).
+        bucket = replace(bucket, grads=torch._foreach_mul(bucket.grads, scalars.grad_scale))
+    if backend is not None:  # works on codes directly
+        step_with(backend, bucket, rule=rule, scalars=scalars)
         return
     update = _IMPLS[impl]
     if not bucket.quantized:

@@ -155,7 +155,7 @@ def _rule_args(rule: Rule, s: StepScalars) -> tuple:
         rule.decoupled,
         rule.belief,
         rule.amsgrad,
-        rule.maximize,
+        -s.grad_scale if rule.maximize else s.grad_scale,  # the gradient's factor: sign and 1/scale
         s.beta1,
         s.beta2,
         s.weight_decay,

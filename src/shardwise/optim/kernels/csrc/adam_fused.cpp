@@ -44,14 +44,14 @@ constexpr float kUnsignedMax = 255.0f;
 template <typename acc_t>
 struct Scalars {
   acc_t beta2, one_minus_beta1, one_minus_beta2, weight_decay, decay_factor, eps, step_size,
-      denom_scale, denom_eps, grad_sign;
+      denom_scale, denom_eps, grad_factor;
 };
 
 // One element of the rule, in two halves so the 8-bit driver can get sqrt(v) its own way.
 // DECOUPLED: AdamW-style decay, BELIEF: AdaBelief second moment.
 template <bool DECOUPLED, bool BELIEF, typename acc_t>
 inline void update_moments(acc_t& p, acc_t g, acc_t& m, acc_t& v, const Scalars<acc_t>& s) {
-  g *= s.grad_sign;
+  g *= s.grad_factor;  // -1 for maximize, times 1/scale for GradScaler's scaled gradients
   if (DECOUPLED) {
     p *= s.decay_factor;
   } else {
@@ -74,11 +74,11 @@ inline void apply_step(acc_t& p, acc_t m, acc_t root, const Scalars<acc_t>& s) {
 
 template <typename acc_t>
 Scalars<acc_t> make_scalars(double beta1, double beta2, double weight_decay, double decay_factor, double eps,
-                            double step_size, double denom_scale, double denom_eps, bool maximize) {
+                            double step_size, double denom_scale, double denom_eps, double grad_factor) {
   // 1 - beta in double, then rounded once (as the other implementations compute it).
   return Scalars<acc_t>{acc_t(beta2),        acc_t(1.0 - beta1),   acc_t(1.0 - beta2), acc_t(weight_decay),
                         acc_t(decay_factor), acc_t(eps),           acc_t(step_size),   acc_t(denom_scale),
-                        acc_t(denom_eps),    acc_t(maximize ? -1.0 : 1.0)};
+                        acc_t(denom_eps),    acc_t(grad_factor)};
 }
 
 template <typename T>
@@ -473,13 +473,13 @@ void check_bucket(const std::vector<at::Tensor>& params, const std::vector<at::T
 
 void adam_fused_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
                  std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs, bool decoupled,
-                 bool belief, bool amsgrad, bool maximize, double beta1, double beta2, double weight_decay,
+                 bool belief, bool amsgrad, double grad_factor, double beta1, double beta2, double weight_decay,
                  double decay_factor, double eps, double step_size, double denom_scale, double denom_eps) {
   if (params.empty()) return;
   check_bucket(params, grads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "adam_fused_", [&] {
     const auto s = make_scalars<acc_type_t<scalar_t>>(beta1, beta2, weight_decay, decay_factor, eps, step_size,
-                                                      denom_scale, denom_eps, maximize);
+                                                      denom_scale, denom_eps, grad_factor);
     SHARDWISE_DISPATCH_FLAGS(run_full, scalar_t, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s);
   });
 }
@@ -488,13 +488,13 @@ void adam_fused_8bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> gr
                       std::vector<at::Tensor> m_codes, std::vector<at::Tensor> v_codes,
                       std::vector<at::Tensor> u_codes, std::vector<at::Tensor> m_absmax,
                       std::vector<at::Tensor> v_absmax, std::vector<at::Tensor> u_absmax, bool decoupled,
-                      bool belief, bool amsgrad, bool maximize, double beta1, double beta2, double weight_decay,
+                      bool belief, bool amsgrad, double grad_factor, double beta1, double beta2, double weight_decay,
                       double decay_factor, double eps, double step_size, double denom_scale, double denom_eps) {
   if (params.empty()) return;
   check_bucket(params, grads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "adam_fused_8bit_", [&] {
     const auto s = make_scalars<acc_type_t<scalar_t>>(beta1, beta2, weight_decay, decay_factor, eps, step_size,
-                                                      denom_scale, denom_eps, maximize);
+                                                      denom_scale, denom_eps, grad_factor);
     SHARDWISE_DISPATCH_FLAGS(run_8bit, scalar_t, params, grads, m_codes, v_codes, u_codes, m_absmax, v_absmax,
                              u_absmax, s);
   });
