@@ -138,6 +138,22 @@ def zero1(rank: int, world: int, tmp: str) -> None:
         train(fresh, o2, range(3, 5))
         assert_params_equal(ps, fresh)
 
+    # prepare_state_dict: gathered once on every rank, then one rank alone may ask (HF Trainer's
+    # shape); hyperparameters are read when asked, and the next step drops the prepared copy.
+    ps = make_params()
+    o = AdamW(ps, impl="foreach", state_bits=8, shard=True)
+    train(ps, o, range(2))
+    full = o.state_dict()
+    o.prepare_state_dict()
+    o.param_groups[0]["lr"] = 0.5
+    if rank == 0:
+        alone = o.state_dict()  # no collective: rank 1 does not call it
+        assert alone["param_groups"][0]["lr"] == 0.5
+        assert_same_state({"state": alone["state"], "param_groups": full["param_groups"]}, full)
+    dist.barrier()
+    train(ps, o, range(2, 3))
+    assert o._prepared_state_dict is None
+
     # Save on 1 (written by the test process), load on `world` ranks and continue.
     for bits in (32, 8):
         saved = torch.load(os.path.join(tmp, f"one{bits}.pt"))

@@ -279,8 +279,8 @@ class _AdamFamily(torch.optim.Optimizer):
         state), unless :meth:`prepare_state_dict` ran since the last step: then it returns that
         state with no communication, so one rank alone may call it (HF ``Trainer`` saves on rank 0
         only: :class:`shardwise.optim.hf.ShardwiseTrainerCallback` prepares it on every rank)."""
-        if self._prepared_state_dict is not None:
-            return self._prepared_state_dict
+        if self._prepared_state_dict is not None:  # hyperparameters as they are now (no collective)
+            return {**super().state_dict(), "state": self._prepared_state_dict["state"]}
         if isinstance(self._partition, sharding.ZeroPartition) and self._partition.world > 1:
             _refuse_single_rank_trainer_save()
         return self._partition.full_state_dict(super().state_dict())
