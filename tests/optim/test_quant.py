@@ -322,3 +322,32 @@ def test_fused_8bit_encoders_of_other_cpus_match_reference(march):
     env = {**os.environ, "SHARDWISE_MARCH": march}
     done = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_state_format_is_the_one_place_that_knows_the_storage():
+    """quant.StateFormat: chooses by the global parameter, reads the format back from state, builds
+    fresh storage and converts 32 <-> 8-bit, so the optimizer never names codec keys."""
+    big, small = torch.zeros(64, 128), torch.zeros(4, 8)
+    fmt = quant.StateFormat.choose(8, big)
+    assert fmt == quant.EIGHT_BIT and quant.StateFormat.choose(32, big) == quant.FULL
+    assert quant.StateFormat.choose(8, small) == quant.FULL  # below MIN_NUMEL
+    assert quant.StateFormat.choose(8, torch.zeros(64, 128, dtype=torch.complex64)) == quant.FULL
+    state = {}
+    for moment in quant.MOMENTS:
+        state.update(fmt.zeros(moment, big))
+    assert quant.StateFormat.of(state) == quant.EIGHT_BIT
+    values, scales = fmt.stored(state, quant.MOMENTS[:2])
+    assert [v.dtype for v in values] == [torch.int8, torch.uint8] and scales[0].shape == (64, 1)
+    full = {"exp_avg": torch.randn(64, 128), "exp_avg_sq": torch.rand(64, 128)}
+    coded = dict(full)
+    fmt.convert(coded, torch.float32)
+    assert quant.StateFormat.of(coded) == quant.EIGHT_BIT
+    codec, rest = quant.split_codec_entries({"step": torch.tensor(1.0), **coded})
+    assert set(codec) == {"exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"} and set(rest) == {
+        "step"
+    }
+    quant.FULL.convert(coded, torch.float32)
+    assert quant.StateFormat.of(coded) == quant.FULL
+    torch.testing.assert_close(
+        coded["exp_avg"], full["exp_avg"], rtol=0, atol=full["exp_avg"].abs().max() / 64
+    )
