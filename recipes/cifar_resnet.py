@@ -33,14 +33,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from shardwise.config import parse_args, save_config
+from shardwise.configfile import parse_args, save_config
 from shardwise.data.images import ImageTensorDataset, load_image_data, make_loader
 from shardwise.models import resnet18
 from shardwise.train.accel import describe, make_accelerator
 from shardwise.train.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from shardwise.train.config import TrainConfig
-from shardwise.train.loop import plan_steps, progress
+from shardwise.train.loop import progress
 from shardwise.train.metrics import Metrics, flat_config, plot_curves
+from shardwise.train.plan import plan_steps
+from shardwise.train.sections import TrainConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # optimizers: the seed's hyperparameters, one frozen record per name (timm-style registry)

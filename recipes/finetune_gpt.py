@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from shardwise.config import parse_args, save_config
+from shardwise.configfile import parse_args, save_config
 from shardwise.data.assets import resolve
 from shardwise.data.text import CausalLMDataConfig, load_causal_lm
+from shardwise.errors import exit_on_error
+from shardwise.models.pretrained import PretrainedModelConfig
 from shardwise.train.accel import configure_deepspeed, describe, is_deepspeed, make_accelerator
 from shardwise.train.checkpoint import (
     check_output_dir,
@@ -31,15 +33,11 @@ from shardwise.train.checkpoint import (
     load_checkpoint,
     read_progress,
 )
-from shardwise.train.config import ModelConfig, OptimizerConfig, TrainConfig
-from shardwise.train.errors import exit_on_error
-from shardwise.train.loop import (
-    build_optimizer,
-    describe_optimizer,
-    plan_steps,
-    run_training,
-)
+from shardwise.train.loop import run_training
 from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
+from shardwise.train.optimizer import build_optimizer, describe_optimizer
+from shardwise.train.plan import batches_per_process, plan_steps
+from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
 @dataclass
@@ -55,7 +53,9 @@ class SampleConfig:
 @dataclass
 class Config:
     data: CausalLMDataConfig = field(default_factory=CausalLMDataConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("assets:models/SmolLM2-135M-Instruct"))
+    model: PretrainedModelConfig = field(
+        default_factory=lambda: PretrainedModelConfig("assets:models/SmolLM2-135M-Instruct")
+    )
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(preset="llm", lr=1e-4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/gpt", batch_size=8))
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -106,7 +106,7 @@ def main(cfg: Config) -> dict:
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
-    plan = plan_steps(-(-len(train_dl) // accelerator.num_processes), cfg.train)
+    plan = plan_steps(batches_per_process(train_dl, accelerator.num_processes), cfg.train)
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, plan.total_steps)
     say(f"optimizer: {describe_optimizer(optimizer, cfg.optimizer)}")
     say(f"schedule: {plan.total_steps} steps ({plan.updates_per_epoch}/epoch, {plan.epochs} epochs)")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from shardwise.config import ConfigError, load_config
+from shardwise.configfile import ConfigError, load_config
 from shardwise.data.images import CIFAR10_ENV, DEBIAN_FASHION_MNIST_DIR, load_cifar10
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shardwise.config import ConfigError, load_config
+from shardwise.configfile import ConfigError, load_config
 
 from ._run import ROOT
 

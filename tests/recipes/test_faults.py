@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-from shardwise.config import load_config
+from shardwise.configfile import load_config
+from shardwise.errors import exit_on_error
 from shardwise.train.checkpoint import checkpoint_problem, find_checkpoint, list_checkpoints, read_latest
-from shardwise.train.errors import exit_on_error
 
 from ._run import ROOT, ensure_assets, metrics, recipe_cmd, run
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from shardwise.train.checkpoint import find_checkpoint, list_checkpoints
-from shardwise.train.config import OptimizerConfig, TrainConfig
-from shardwise.train.loop import plan_steps
 from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
+from shardwise.train.plan import plan_steps
+from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
 def test_plan_steps_epochs_accumulation_and_max_steps():

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shardwise.config import ConfigError, from_dict
+from shardwise.configfile import ConfigError, from_dict
+from shardwise.errors import CheckpointError, DivergenceError
 from shardwise.train.accel import make_accelerator
 from shardwise.train.checkpoint import (
     check_output_dir,
@@ -22,9 +23,10 @@ from shardwise.train.checkpoint import (
     read_latest,
     save_checkpoint,
 )
-from shardwise.train.config import OptimizerConfig, TrainConfig
-from shardwise.train.errors import CheckpointError, DivergenceError
-from shardwise.train.loop import build_optimizer, optimizer_steps, plan_steps
+from shardwise.train.optimizer import build_optimizer
+from shardwise.train.plan import plan_steps
+from shardwise.train.sections import OptimizerConfig, TrainConfig
+from shardwise.train.update import optimizer_steps
 
 
 @pytest.fixture(autouse=True)

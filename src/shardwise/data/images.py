@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shardwise.errors import DataNotFoundError
+
 __all__ = [
     "CIFAR10_CLASSES",
     "DEBIAN_FASHION_MNIST_DIR",
@@ -67,10 +69,6 @@ _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The dataset is not at any place we look; the message says where to put it."""
 
 
 @dataclass

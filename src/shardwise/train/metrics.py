@@ -102,7 +102,7 @@ def format_table(values: dict[str, Any], title: str = "final metrics") -> str:
 
 def flat_config(cfg: Any) -> dict[str, Any]:
     """A config dataclass as ``{"optimizer.lr": ...}`` with scalar values (TensorBoard hparams)."""
-    from shardwise.config import to_dict
+    from shardwise.configfile import to_dict
 
     out: dict[str, Any] = {}
 

@@ -5,19 +5,21 @@ A recipe composes them into its own top-level dataclass::
     @dataclass
     class RecipeConfig:
         data: MyDataConfig = field(default_factory=MyDataConfig)
-        model: MyModelConfig = field(default_factory=MyModelConfig)
+        model: PretrainedModelConfig = field(default_factory=...)  # shardwise.models.pretrained
         optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
         train: TrainConfig = field(default_factory=TrainConfig)
 
-Validation of ranges lives in ``__post_init__`` so that ``shardwise.config.from_dict`` reports it with
-the section's dotted path.
+Validation of ranges lives in ``__post_init__`` so that ``shardwise.configfile.from_dict`` reports it
+with the section's dotted path. The optimizer section checks at load time only what must fail before
+anything runs (a typo'd lr, a negative warmup); the optimizer's own validation (betas, eps, ...) is
+turned into a ConfigError by ``shardwise.train.optimizer.build_optimizer``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 
 @dataclass
@@ -126,34 +128,3 @@ class TrainConfig:
             raise ValueError(f"collective_timeout_s must be a finite number > 0, got {timeout}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-
-
-@dataclass
-class ModelConfig:
-    """Which pretrained model (hub id, local directory or ``assets:models/...``), or a fresh one.
-
-    ``from_scratch: true`` builds the architecture from its config with random weights (tiny test
-    models); ``config_overrides`` are passed to the config either way (e.g. ``hidden_size`` for a tiny
-    model, ``hidden_dropout_prob`` when fine-tuning).
-    """
-
-    name_or_path: str
-    tokenizer: str | None = None  # default: name_or_path
-    from_scratch: bool = False
-    # with from_scratch: build this architecture ("gpt2", "bert", ...) instead of name_or_path's config
-    model_type: str | None = None
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.model_type is not None and not self.from_scratch:
-            raise ValueError("model_type builds a fresh architecture: set from_scratch: true as well")
-
-    def hf_config(self, **extra: Any):
-        """The transformers config: name_or_path's (or a fresh ``model_type``), with the overrides."""
-        from transformers import AutoConfig
-
-        from shardwise.data.assets import resolve
-
-        if self.model_type is not None:
-            return AutoConfig.for_model(self.model_type, **extra, **self.config_overrides)
-        return AutoConfig.from_pretrained(resolve(self.name_or_path), **extra, **self.config_overrides)

@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from shardwise.train.errors import ShardwiseError
+from shardwise.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -50,10 +50,6 @@ __all__ = [
 T = TypeVar("T")
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
-
-
-class ConfigError(ShardwiseError, ValueError):
-    """A config value or key is invalid; the message names the dotted key and how to fix it."""
 
 
 # ----------------------------------------------------------------------------------------------------

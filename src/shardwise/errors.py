@@ -1,5 +1,8 @@
 """Errors a user can act on, and the recipes' top-level handler that prints them in one line.
 
+The bottom layer of the package: it imports nothing from shardwise, and every other module raises
+these (``configfile``, ``data``, ``models``, ``train``; ``optim`` keeps torch's ValueError style).
+
 Every error the project raises for a bad config, bad data, a refused output folder, a missing
 checkpoint or a diverged run is a :class:`ShardwiseError`. Its message names the key / file / step,
 its ``hint`` says what to do. ``exit_on_error`` turns one into::
@@ -27,8 +30,16 @@ class ShardwiseError(Exception):
         self.hint = hint
 
 
+class ConfigError(ShardwiseError, ValueError):
+    """A config value or key is invalid; the message names the dotted key and how to fix it."""
+
+
 class DataError(ShardwiseError, ValueError):
     """The data set cannot be used as configured (missing file or column, bad labels, empty split)."""
+
+
+class DataNotFoundError(ShardwiseError, FileNotFoundError):
+    """A data set is not at any place we look; the message says where to put it."""
 
 
 class CheckpointError(ShardwiseError, FileNotFoundError):
