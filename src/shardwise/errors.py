@@ -16,8 +16,10 @@ on stderr and exit code 2 (no traceback). Any other exception is a bug and keeps
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import sys
+from collections.abc import Iterable
 
 EXIT_CODE = 2  # argparse's code for bad usage: the run cannot succeed as configured
 
@@ -48,6 +50,12 @@ class CheckpointError(ShardwiseError, FileNotFoundError):
 
 class DivergenceError(ShardwiseError, RuntimeError):
     """Too many consecutive optimizer steps skipped for non-finite loss or gradients."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` (difflib), or "" when none is close."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""recipes/cifar_resnet.py: config, optimizer registry, a smoke run, the CPU regression, the GPU check.
+"""recipes/cifar_resnet.py and the sweep recipes/cifar_compare.py: config, optimizer registry, a smoke
+run, the CPU regression, the GPU check.
 
 The regression (`slow`) runs configs/recipes/cifar_resnet18_fmnist_cpu.yaml as it is: ResNet-18 at
 width 1/8 on 4,000 Fashion-MNIST training images for 3 epochs, every optimizer of the comparison from
@@ -8,7 +9,6 @@ docs/cifar.md for the measured numbers and the choice of margins).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -28,20 +28,14 @@ CPU_CONFIG = ROOT / "configs/recipes/cifar_resnet18_fmnist_cpu.yaml"
 GPU_CONFIG = ROOT / "configs/recipes/cifar_resnet18_gpu.yaml"
 
 
-def _load_recipe():
-    # registered in sys.modules so that dataclass annotations (strings) resolve in the config loader
-    spec = importlib.util.spec_from_file_location("cifar_resnet_recipe", ROOT / "recipes/cifar_resnet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _load_recipe()
+# the recipes folder on the path, as for `python recipes/cifar_compare.py`: the sweep imports the recipe
+sys.path.insert(0, str(ROOT / "recipes"))
+import cifar_compare as compare  # noqa: E402
+import cifar_resnet as recipe  # noqa: E402
 
 
 def config(path=None, *overrides):
-    return load_config(recipe.Config, path, list(overrides))
+    return load_config(compare.Config, path, list(overrides))
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -50,7 +44,7 @@ def config(path=None, *overrides):
 @pytest.mark.parametrize("path", [CPU_CONFIG, GPU_CONFIG])
 def test_configs_load_and_start_with_their_command(path):
     first = path.read_text().splitlines()[0]
-    assert first == f"# python recipes/cifar_resnet.py --config configs/recipes/{path.name}"
+    assert first == f"# python recipes/cifar_compare.py --config configs/recipes/{path.name}"
     cfg = config(path)
     assert all(c.name in recipe.OPTIMIZERS for c in cfg.runs())
 
@@ -73,7 +67,7 @@ def test_compare_entries_are_names_or_mappings():
     runs = cfg.runs()
     assert [r.label for r in runs] == ["sgd", "adamw (lr=0.003, state_bits=8)"]
     assert runs[1].resolve().lr == 3e-3 and runs[1].resolve().state_bits == 8
-    assert recipe.run_dir_name(runs[1]) == "adamw_lr0.003_state_bits8"
+    assert compare.run_dir_name(runs[1]) == "adamw_lr0.003_state_bits8"
     assert config(None).runs() == [recipe.OptimizerChoice()]  # no compare: the `optimizer` section
 
 
@@ -142,10 +136,10 @@ def smoke(tmp_path_factory):
     write_cifar_folder(tmp / "cifar-10-batches-py")
     out = tmp / "out"
     cfg = config(None, *SMOKE, f"data.root={tmp}", f"train.output_dir={out}", "compare=[sgd_momentum, adamw]")
-    return cfg, out, recipe.main(cfg)
+    return cfg, out, compare.main(cfg)
 
 
-def test_smoke_writes_the_seeds_table_and_plots(smoke):
+def test_smoke_writes_the_comparison_table_and_plots(smoke):
     _, out, results = smoke
     assert [r.name for r in results] == ["sgd_momentum", "adamw"]
     table = (out / "comparison.md").read_text().splitlines()
@@ -164,7 +158,7 @@ def test_smoke_writes_the_seeds_table_and_plots(smoke):
         evals = [h["step"] for h in r.history if "eval/accuracy" in h]
         assert evals == [1, 5, 10]
         assert all(math.isfinite(h["train/loss"]) for h in r.history if "train/loss" in h)
-        run_dir = out / recipe.run_dir_name(recipe.OptimizerChoice(name=r.name))
+        run_dir = out / compare.run_dir_name(recipe.OptimizerChoice(name=r.name))
         assert json.loads((run_dir / "metrics.json").read_text())["final"]["steps"] == 10
         assert (run_dir / "curves.png").is_file()
     state = {r.name: r.optimizer_state_bytes for r in results}
@@ -182,7 +176,7 @@ def test_same_initialization_and_data_for_every_optimizer(smoke):
 def test_resume_latest_reads_finished_runs_back(smoke, capsys):
     cfg, _, results = smoke
     cfg.train.resume_from_checkpoint = "latest"
-    again = recipe.main(cfg)
+    again = compare.main(cfg)
     assert [(r.name, r.train_seconds, r.final_accuracy) for r in again] == [
         (r.name, r.train_seconds, r.final_accuracy) for r in results
     ]
@@ -193,9 +187,9 @@ def test_single_optimizer_with_checkpoint_and_resume(tmp_path):
     write_cifar_folder(tmp_path / "cifar-10-batches-py")
     out = tmp_path / "out"
     common = [*SMOKE, f"data.root={tmp_path}", f"train.output_dir={out}", "optimizer.name=adam"]
-    first = recipe.main(config(None, *common, "train.epochs=1", "train.checkpoint_every=5"))[0]
+    first = compare.main(config(None, *common, "train.epochs=1", "train.checkpoint_every=5"))[0]
     assert first.steps == 5 and (out / "checkpoints/step_0000005/progress.json").is_file()
-    resumed = recipe.main(config(None, *common, "train.epochs=2", "train.resume_from_checkpoint=latest"))[0]
+    resumed = compare.main(config(None, *common, "train.epochs=2", "train.resume_from_checkpoint=latest"))[0]
     assert resumed.steps == 10 and (out / "metrics.json").is_file() and (out / "comparison.md").is_file()
     # the history before the checkpoint came back with it: the early eval (step 1) and every epoch
     assert [h["step"] for h in resumed.history if "eval/accuracy" in h] == [1, 5, 10]
@@ -209,7 +203,7 @@ def test_eight_bit_forms_run(tmp_path):
         "compare=[adamw_8bit, adabelief_8bit]",
     )  # fmt: skip
     try:
-        results = recipe.main(cfg)
+        results = compare.main(cfg)
     except NotImplementedError as e:
         pytest.skip(f"8-bit optimizer state not implemented yet: {e}")
     params = list(recipe.resnet18(width=0.0625).parameters())
@@ -223,7 +217,7 @@ def test_eight_bit_forms_run(tmp_path):
 def test_missing_data_fails_with_where_to_put_it(tmp_path):
     cfg = config(None, *SMOKE, f"data.root={tmp_path / 'nothing'}", f"train.output_dir={tmp_path / 'o'}")
     with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
-        recipe.main(cfg)
+        compare.main(cfg)
 
 
 # ------------------------------------------------------------------------------- CPU regression (slow)
@@ -280,7 +274,7 @@ def regression(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {r.name: r for r in recipe.main(cfg)}
+        return {r.name: r for r in compare.main(cfg)}
     finally:
         torch.set_num_threads(threads)
 
@@ -349,7 +343,7 @@ def test_gpu_full_resnet18_cifar10_matches_the_seed(tmp_path):
         GPU_CONFIG, f"train.epochs={epochs}", f"train.output_dir={tmp_path}", "data.allow_hub=false",
         "train.checkpoint_every=null", "train.report_to=[]", "train.progress=false",
     )  # fmt: skip
-    results = {r.name: r for r in recipe.main(cfg)}
+    results = {r.name: r for r in compare.main(cfg)}
     for name, acc in seed_acc.items():
         assert results[name].final_accuracy >= acc - margin, (name, results[name].final_accuracy, acc)
     # Adam ahead of SGD early (after 10% of the epochs)

@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .accel import describe, make_accelerator
+from .checkpoint import check_output_dir, find_checkpoint, load_checkpoint, read_progress, save_checkpoint
 from .plan import StepPlan
 from .sections import TrainConfig
 from .update import model_loss, optimizer_steps
@@ -31,6 +33,50 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
 def due(step: int, every: int | None) -> bool:
     """True when a cadence of ``every`` optimizer steps (None = never) falls on ``step``."""
     return every is not None and step % every == 0
+
+
+def start_run(train: TrainConfig, name: str):
+    """The Accelerator for a run of recipe ``name`` writing to ``train.output_dir`` (returned as a Path),
+    after refusing an output folder that holds another run (before anything is written), and the
+    banner line: engine, processes, device, precision."""
+    out = Path(train.output_dir)
+    accelerator = make_accelerator(train, str(out))
+    resume_spec, is_main = train.resume_from_checkpoint, accelerator.is_main_process
+    check_output_dir(out, resume=resume_spec, overwrite=train.overwrite, is_main=is_main)
+    accelerator.print(f"== {name}: {describe(accelerator)}")
+    return accelerator, out
+
+
+def record_config(accelerator, cfg, out: Path, name: str) -> None:
+    """The resolved config as ``out/config.yaml`` and as the trackers' hyperparameters (TensorBoard)."""
+    from shardwise.configfile import save_config
+
+    from .metrics import flat_config
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    accelerator.init_trackers(name, config=flat_config(cfg))  # no-op when report_to is []
+
+
+class Resumed(NamedTuple):
+    """Where a run starts: a fresh run (``checkpoint`` None) or the counts a checkpoint carries."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+
+
+def resume(accelerator, output_dir: Path, spec: str | None) -> Resumed:
+    """Load the checkpoint ``spec`` names (``train.resume_from_checkpoint``: "latest" or a folder) into
+    the prepared objects; a fresh start when ``spec`` is None."""
+    if spec is None:
+        return Resumed()
+    path = find_checkpoint(output_dir, spec)
+    step = load_checkpoint(accelerator, path)
+    meta = read_progress(path).get("meta", {})
+    return Resumed(path, step, meta.get("skipped_steps", 0), meta.get("train_seconds", 0.0))
 
 
 def read_history(checkpoint: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,51 @@ class Metrics:
         if self.accelerator.is_main_process:
             path.write_text(json.dumps({"final": final, "history": self.history}, indent=1) + "\n")
         return path
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakMemory:
+    """A run's peak memory: CUDA's allocator peak on a GPU, else the process RSS at each ``sample()``."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device, self.cuda = device, device.type == "cuda"
+        self.kind = "cuda" if self.cuda else "rss"  # "cuda": max_memory_allocated; "rss": sampled
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self._rss = rss_bytes()
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self._rss = max(self._rss, rss_bytes())
+
+    @property
+    def bytes(self) -> int:
+        import torch
+
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else self._rss
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state: shardwise's own count (8-bit codes and scales), else every state tensor
+    but the step counter (torch.optim.SGD's momentum buffers, torch Adam's moments)."""
+    import torch
+
+    if hasattr(optimizer, "state_bytes"):
+        return optimizer.state_bytes()
+    tensors = (
+        v for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"
+    )
+    return sum(v.numel() * v.element_size() for v in tensors)
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | str:
