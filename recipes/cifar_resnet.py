@@ -202,7 +202,7 @@ def main(cfg: Config) -> RunResult:
     )
     test_ds = ImageTensorDataset(data.test_images, data.test_labels, data.mean, data.std, train=False)
     train_dl = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
-    test_dl = make_loader(test_ds, cfg.train.eval_batch_size or 2 * cfg.train.batch_size, shuffle=False)
+    test_dl = make_loader(test_ds, cfg.train.eval_batch(), shuffle=False)
 
     # --------------------------------------------------------------------------------------- model
     model = resnet18(num_classes=len(data.classes), width=cfg.model.width)

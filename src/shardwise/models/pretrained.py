@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from shardwise.data.assets import resolve
@@ -38,3 +39,17 @@ class PretrainedModelConfig:
         if self.model_type is not None:
             return AutoConfig.for_model(self.model_type, **extra, **self.config_overrides)
         return AutoConfig.from_pretrained(resolve(self.name_or_path), **extra, **self.config_overrides)
+
+
+def save_pretrained(accelerator, model, tokenizer, model_dir: Path) -> None:
+    """``save_pretrained`` of the trained model (+ tokenizer) from the main process, with the state dict
+    accelerate gathers (DeepSpeed ZeRO-3 and FSDP hold shards). Every process must call it."""
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).save_pretrained(
+        model_dir,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(model_dir)

@@ -79,6 +79,37 @@ def resume(accelerator, output_dir: Path, spec: str | None) -> Resumed:
     return Resumed(path, step, meta.get("skipped_steps", 0), meta.get("train_seconds", 0.0))
 
 
+def final_metrics(metrics, result: TrainResult, started: float) -> dict:
+    """A run's last evaluation, last train loss, step counts and times (``started``: perf_counter)."""
+    return {
+        **metrics.last("eval/"),
+        "train/loss": metrics.last("train/loss").get("train/loss", float("nan")),
+        "steps": result.steps,
+        "skipped_steps": result.skipped_steps,
+        "train_seconds": round(result.train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def report(accelerator, metrics, final: dict, out: Path, title: str, lines: tuple[str, ...] = ()) -> None:
+    """metrics.json, curves.png and the end-of-run summary (table, then where everything is)."""
+    from .metrics import format_table, plot_curves
+
+    metrics_path = metrics.write(out, final)
+    if accelerator.is_main_process:
+        plot = plot_curves(metrics.history, out / "curves.png", title=title)
+        accelerator.print(format_table(final))
+        for line in (
+            f"plot:    {plot}",
+            *lines,
+            f"metrics: {metrics_path}",
+            f"config:  {out / 'config.yaml'}",
+        ):
+            accelerator.print(line)
+        if accelerator.trackers:  # accelerate skips a tracker whose package is missing
+            accelerator.print(f"logs:    {out / 'logs'} ({', '.join(t.name for t in accelerator.trackers)})")
+
+
 def read_history(checkpoint: Path) -> list[dict]:
     """The metric history a checkpoint of :func:`run_training` carries ([] for older checkpoints)."""
     import json
@@ -117,7 +148,8 @@ def run_training(
     A progress bar; the train loss every ``log_every`` steps (mean over the updates since the last
     log and over processes, with the LR, epoch and skipped-update count); ``evaluate()`` every
     ``eval_every`` steps (default: every epoch) and at each step of ``eval_at_steps`` (0 = the initial
-    weights, before the first update, so every curve starts from the baseline); a checkpoint every
+    weights, before the first update, so every curve starts from the baseline; also with
+    ``train.eval_at_start``); a checkpoint every
     ``checkpoint_every`` steps, but only after a good update; and a last evaluation of the final
     weights. ``metrics`` is a :class:`~shardwise.train.metrics.Metrics`; ``loss_fn(model, batch)``
     computes a micro-batch's loss (default: the transformers model's own ``.loss``).
@@ -127,7 +159,7 @@ def run_training(
     """
     say = accelerator.print
     bar = progress(plan.total_steps, start_step, "train", accelerator.is_main_process and train.progress)
-    extra_evals = set(eval_at_steps)
+    extra_evals = set(eval_at_steps) | ({0} if train.eval_at_start else set())
     started = time.perf_counter()
 
     def log_evaluation(step: int) -> None:

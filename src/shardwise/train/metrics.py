@@ -86,8 +86,24 @@ def optimizer_state_bytes(optimizer) -> int:
     return sum(v.numel() * v.element_size() for v in tensors)
 
 
+def curve_panels(history: list[dict[str, Any]]) -> list[list[str]]:
+    """The panels of ``curves.png``, each a list of metric names: the losses (train and eval together),
+    the learning rate, then one per other metric. ``train/epoch`` is not a curve, and
+    ``train/skipped_steps`` appears only when the divergence guard skipped an update."""
+    names = {k for rec in history for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+    names.discard("train/epoch")
+    if not any(rec.get("train/skipped_steps") for rec in history):
+        names.discard("train/skipped_steps")
+    panels = [
+        [n for n in ("train/loss", "eval/loss") if n in names],
+        [n for n in ("train/lr",) if n in names],
+    ]
+    panels += [[n] for n in sorted(names - {"train/loss", "eval/loss", "train/lr"})]
+    return [p for p in panels if p]
+
+
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | str:
-    """One panel per metric (train/loss, eval/loss, eval/accuracy, ...) against the optimizer step.
+    """One panel per metric (train/loss with eval/loss, train/lr, eval/accuracy, ...) against the step.
 
     Returns the PNG path, or a note saying how to get plots when matplotlib is not installed.
     """
@@ -102,13 +118,10 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for rec in history:
         for k, v in rec.items():
-            if k not in ("step", "train/lr", "train/epoch") and isinstance(v, (int, float)):
+            if k != "step" and isinstance(v, (int, float)):
                 series[k].append((rec["step"], v))
-    # one panel for the losses (train and eval together), one per other metric; a shared step axis so
-    # that a single end-of-run evaluation still shows where it happened
-    panels = [[n for n in ("train/loss", "eval/loss") if n in series]]
-    panels += [[n] for n in sorted(series) if n not in ("train/loss", "eval/loss")]
-    panels = [p for p in panels if p]
+    # a shared step axis, so that a single evaluation still shows where in the run it happened
+    panels = curve_panels(history)
     last = max((rec["step"] for rec in history), default=1)
     cols = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / cols))

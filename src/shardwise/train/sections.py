@@ -98,6 +98,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = at the end of every epoch
+    eval_at_start: bool = False  # also evaluate the initial weights (step 0): curves start at the baseline
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
     progress: bool = True  # tqdm bars on the main process
     num_workers: int = 0
@@ -128,3 +129,7 @@ class TrainConfig:
             raise ValueError(f"collective_timeout_s must be a finite number > 0, got {timeout}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    def eval_batch(self) -> int:
+        """The evaluation batch size per process: no gradients are kept, so twice the training one."""
+        return self.eval_batch_size or 2 * self.batch_size
