@@ -139,6 +139,7 @@ def smoke(tmp_path_factory):
     return cfg, out, compare.main(cfg)
 
 
+@pytest.mark.slow
 def test_smoke_writes_the_comparison_table_and_plots(smoke):
     _, out, results = smoke
     assert [r.name for r in results] == ["sgd_momentum", "adamw"]
@@ -166,6 +167,7 @@ def test_smoke_writes_the_comparison_table_and_plots(smoke):
     assert state["sgd_momentum"] == 4 * n_params and state["adamw"] == 8 * n_params
 
 
+@pytest.mark.slow
 def test_same_initialization_and_data_for_every_optimizer(smoke):
     _, _, results = smoke
     # the step-1 loss depends only on the initial weights and the first batch
@@ -173,6 +175,7 @@ def test_same_initialization_and_data_for_every_optimizer(smoke):
     assert len({round(v, 6) for v in first_losses.values()}) == 1, first_losses
 
 
+@pytest.mark.slow
 def test_resume_latest_reads_finished_runs_back(smoke, capsys):
     cfg, _, results = smoke
     cfg.train.resume_from_checkpoint = "latest"
@@ -183,6 +186,7 @@ def test_resume_latest_reads_finished_runs_back(smoke, capsys):
     assert "finished earlier" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_single_optimizer_with_checkpoint_and_resume(tmp_path):
     write_cifar_folder(tmp_path / "cifar-10-batches-py")
     out = tmp_path / "out"
@@ -196,6 +200,7 @@ def test_single_optimizer_with_checkpoint_and_resume(tmp_path):
     assert resumed.early_accuracy == first.early_accuracy and resumed.train_seconds > first.train_seconds
 
 
+@pytest.mark.slow
 def test_eight_bit_forms_run(tmp_path):
     write_cifar_folder(tmp_path / "cifar-10-batches-py")
     cfg = config(
@@ -293,9 +298,9 @@ def test_cpu_regression_accuracy_floor(regression, name):
 
 @pytest.mark.slow
 @pytest.mark.timeout(REGRESSION_TIMEOUT)
-def test_cpu_regression_seed_claims(regression):
+def test_cpu_regression_original_claims(regression):
     r = regression
-    # "Adam ahead of plain SGD early" (seed: 71% vs 45% after 10 of 100 epochs). At this scale the test
+    # "Adam ahead of plain SGD early" (original: 71% vs 45% after 10 of 100 epochs). At this scale the test
     # accuracy after 10% of the steps (step 19) is dominated by BatchNorm running statistics that have
     # seen 19 batches, so the claim is checked on the training loss over the first epoch, where Adam led
     # by 0.09, 0.15 and 0.13 nats (seeds 0-2), and on the test accuracy after epoch 1 (+1.4, +10.2,
@@ -306,19 +311,19 @@ def test_cpu_regression_seed_claims(regression):
         for n in ("adam", "sgd")
     }
     assert at_epoch_1["adam"] >= at_epoch_1["sgd"] - 0.03, at_epoch_1
-    # "AdamW >= Adam" (seed: 89.1% vs 86.7%). Over 189 steps decoupled decay shrinks the weights by
+    # "AdamW >= Adam" (original: 89.1% vs 86.7%). Over 189 steps decoupled decay shrinks the weights by
     # lr * wd * steps = 0.2% in all, so the two are the same algorithm up to noise here: measured, the
     # last-epoch training losses agreed to 0.006 nats; AdamW's test accuracy was 2.0 and 2.1 points lower
     # (seeds 0, 1) and 3.6 points higher (seed 2). Tolerances: 0.03 nats and 4 points.
     assert train_loss(r["adamw"], 2) <= train_loss(r["adam"], 2) + 0.03
     assert r["adamw"].final_accuracy >= r["adam"].final_accuracy - 0.04
-    # momentum helps SGD (seed: 88.4% vs 72.3%): in training loss; the test accuracy is noisier
+    # momentum helps SGD (original: 88.4% vs 72.3%): in training loss; the test accuracy is noisier
     assert train_loss(r["sgd_momentum"], 2) < train_loss(r["sgd"], 2)
 
 
 # ------------------------------------------------------------------------------------- GPU (-m gpu)
 
-# The seed's table (ResNet-18, CIFAR-10, batch 128, constant lr). GPU_EPOCHS=10 (default) checks the
+# The original table (ResNet-18, CIFAR-10, batch 128, constant lr). GPU_EPOCHS=10 (default) checks the
 # after-10-epochs column, GPU_EPOCHS=100 the final one; floors are 10 points (10 epochs, where the
 # constant-lr curves still swing by several points between epochs) or 5 points below.
 SEED_TABLE = {
@@ -328,7 +333,7 @@ SEED_TABLE = {
 
 
 @pytest.mark.gpu
-def test_gpu_full_resnet18_cifar10_matches_the_seed(tmp_path):
+def test_gpu_full_resnet18_cifar10_matches_the_original_table(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     try:

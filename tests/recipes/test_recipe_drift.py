@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ._run import ROOT
+from ..helpers import ROOT
 
 RECIPES = {
     "finetune_bert": ROOT / "recipes/finetune_bert.py",

@@ -1,8 +1,8 @@
 """ResNet-18 for 32x32 images (CIFAR-10 / Fashion-MNIST padded to 32x32), in plain torch.
 
 He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (arXiv:1512.03385), adapted to
-CIFAR the way most optimizer papers (and the seed's comparison table) use it: the ImageNet stem
-(7x7 stride-2 conv + 3x3 max-pool) is replaced by one 3x3 stride-1 conv, so a 32x32 input keeps its
+CIFAR the way most optimizer papers (and this project's original comparison) use it: the ImageNet
+stem (7x7 stride-2 conv + 3x3 max-pool) is replaced by one 3x3 stride-1 conv, so a 32x32 input keeps its
 resolution into the first stage. Stages of [2, 2, 2, 2] BasicBlocks with widths 64, 128, 256, 512
 (times `width`), strides 1, 2, 2, 2, then global average pooling and one linear layer:
 
