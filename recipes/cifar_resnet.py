@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from shardwise.configfile import parse_args
-from shardwise.data.images import ImageTensorDataset, load_image_data, make_loader
+from shardwise.data.images import ImageDataConfig, ImageTensorDataset, load_images, make_loader
 from shardwise.errors import did_you_mean, exit_on_error
-from shardwise.models import resnet18
+from shardwise.models import ResNetConfig, resnet18
 from shardwise.train.loop import read_history, record_config, resume, run_training, start_run
 from shardwise.train.metrics import Metrics, PeakMemory, optimizer_state_bytes, plot_curves
 from shardwise.train.plan import batches_per_process, plan_steps
@@ -82,24 +82,6 @@ def make_optimizer(spec: OptimizerSpec, params, impl: str = "auto") -> torch.opt
 
 
 @dataclass
-class DataConfig:
-    dataset: Literal["cifar10", "fashion_mnist"] = "cifar10"
-    # a cifar-10-batches-py folder / a folder of Fashion-MNIST IDX files; None = env var, Debian path, hub
-    root: str | None = None
-    allow_hub: bool = True  # CIFAR-10 only: datasets.load_dataset("uoft-cs/cifar10") when no folder
-    train_subset: int | None = None  # random subset sizes (None = whole split), drawn with subset_seed
-    test_subset: int | None = None
-    subset_seed: int = 0
-    augment: bool = True  # random crop (pad 4) + horizontal flip on the training split
-
-
-@dataclass
-class ResNetConfig:
-    width: float = 1.0  # channel multiplier: 1.0 = ResNet-18 (11.2M params), 0.125 = 0.18M
-    channels_last: bool = False  # NHWC activations: ~1.3x faster convolutions on CPU (oneDNN) and AMP GPUs
-
-
-@dataclass
 class OptimizerChoice:
     """A name from OPTIMIZERS plus optional overrides (None = the registry's value)."""
 
@@ -147,7 +129,7 @@ class ScheduleConfig:
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: ResNetConfig = field(default_factory=ResNetConfig)
     optimizer: OptimizerChoice = field(default_factory=OptimizerChoice)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -190,12 +172,8 @@ def main(cfg: Config) -> RunResult:
 
     # ---------------------------------------------------------------------------------------- data
     with accelerator.main_process_first():
-        data = load_image_data(cfg.data.dataset, cfg.data.root, allow_hub=cfg.data.allow_hub)
-    data = data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.data.subset_seed)
-    say(
-        f"data: {data.name} from {data.source}: {len(data.train_labels)} train / {len(data.test_labels)} "
-        f"test images, mean {[round(m, 4) for m in data.mean]}, std {[round(s, 4) for s in data.std]}"
-    )
+        data = load_images(cfg.data)
+    say(f"data: {data.summary()}")
     set_seed(cfg.train.seed)  # every optimizer starts from the same weights and sees the same batches
     train_ds = ImageTensorDataset(
         data.train_images, data.train_labels, data.mean, data.std, train=cfg.data.augment

@@ -75,3 +75,24 @@ def test_skipped_steps_panel_only_when_a_step_was_skipped():
     assert curve_panels(history) == [["train/loss"], ["train/lr"]]
     history[1]["train/skipped_steps"] = 1
     assert curve_panels(history)[-1] == ["train/skipped_steps"]
+
+
+def test_check_fsdp_engaged_flags_an_ignored_fsdp_plugin(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from shardwise.train.accel import check_fsdp_engaged
+
+    fake = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=None), distributed_type=DistributedType.MULTI_CPU
+    )
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    check_fsdp_engaged(fake)  # nothing asked
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="falls back to DDP"):
+        check_fsdp_engaged(fake)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    fake.state.fsdp_plugin = object()  # asked in code: Accelerator(fsdp_plugin=...)
+    with pytest.raises(RuntimeError, match="fully_shard"):
+        check_fsdp_engaged(fake)
+    fake.distributed_type = DistributedType.FSDP
+    check_fsdp_engaged(fake)  # really running FSDP

@@ -18,11 +18,21 @@ At width=1.0 this is the 11.17M-parameter network of the table (kuangliu/pytorch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "ResNet", "resnet18"]
+__all__ = ["BasicBlock", "ResNet", "ResNetConfig", "resnet18"]
+
+
+@dataclass
+class ResNetConfig:
+    """The ``model`` section of the CIFAR recipe."""
+
+    width: float = 1.0  # channel multiplier: 1.0 = ResNet-18 (11.2M params), 0.125 = 0.18M
+    channels_last: bool = False  # NHWC activations: ~1.3x faster convolutions on CPU (oneDNN) and AMP GPUs
 
 
 class BasicBlock(nn.Module):
