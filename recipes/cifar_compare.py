@@ -129,9 +129,9 @@ def main(cfg: Config) -> list[RunResult]:
             run_resume = resume if list_checkpoints(run_out) else None
         train = replace(cfg.train, output_dir=str(run_out), resume_from_checkpoint=run_resume)
         one = recipe.Config(
-            **{k: getattr(cfg, k) for k in ("data", "model", "schedule")}, optimizer=choice, train=train
+            data=cfg.data, model=cfg.model, optimizer=choice, schedule=cfg.schedule, train=train
         )
-        results.append(recipe.main(one))
+        results.append(recipe.main(one))  # the same seed: same initialization and data order for each
 
     from accelerate import PartialState
 
