@@ -15,35 +15,28 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from shardwise.config import parse_args, save_config
+from shardwise.configfile import parse_args
 from shardwise.data.assets import resolve
 from shardwise.data.text import ClassificationDataConfig, load_classification
-from shardwise.train.accel import configure_deepspeed, describe, make_accelerator
-from shardwise.train.checkpoint import (
-    check_output_dir,
-    find_checkpoint,
-    load_checkpoint,
-    read_progress,
-)
-from shardwise.train.config import ModelConfig, OptimizerConfig, TrainConfig
-from shardwise.train.errors import exit_on_error
-from shardwise.train.loop import (
-    build_optimizer,
-    describe_optimizer,
-    plan_steps,
-    run_training,
-)
-from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
+from shardwise.errors import exit_on_error
+from shardwise.models.pretrained import PretrainedModelConfig, save_pretrained
+from shardwise.train.accel import configure_deepspeed
+from shardwise.train.loop import final_metrics, record_config, report, resume, run_training, start_run
+from shardwise.train.metrics import Metrics
+from shardwise.train.optimizer import build_optimizer, describe_optimizer
+from shardwise.train.plan import batches_per_process, plan_steps
+from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
 @dataclass
 class Config:
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("assets:models/all-MiniLM-L6-v2"))
+    model: PretrainedModelConfig = field(
+        default_factory=lambda: PretrainedModelConfig("assets:models/all-MiniLM-L6-v2")
+    )
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/bert"))
 
@@ -70,14 +63,9 @@ def main(cfg: Config) -> dict:
     )
 
     t_start = time.perf_counter()
-    out = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg.train, str(out))
-    # before anything is written: never mix this run into another one's checkpoints
-    resume, overwrite = cfg.train.resume_from_checkpoint, cfg.train.overwrite
-    check_output_dir(out, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
+    accelerator, out = start_run(cfg.train, "finetune_bert")
     set_seed(cfg.train.seed)
     say = accelerator.print
-    say(f"== finetune_bert: {describe(accelerator)}")
 
     # ---------------------------------------------------------------------------------------- data
     tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.tokenizer or cfg.model.name_or_path))
@@ -87,8 +75,9 @@ def main(cfg: Config) -> dict:
     train_dl = DataLoader(
         train_ds, cfg.train.batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.train.num_workers
     )
-    eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    eval_dl = DataLoader(eval_ds, eval_bs, collate_fn=collate, num_workers=cfg.train.num_workers)
+    eval_dl = DataLoader(
+        eval_ds, cfg.train.eval_batch(), collate_fn=collate, num_workers=cfg.train.num_workers
+    )
     say(
         f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, {len(label_names)} labels {label_names}"
     )
@@ -108,8 +97,7 @@ def main(cfg: Config) -> dict:
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
-    # per-process batches: accelerate splits the global batch list evenly over the processes
-    plan = plan_steps(-(-len(train_dl) // accelerator.num_processes), cfg.train)
+    plan = plan_steps(batches_per_process(train_dl, accelerator.num_processes), cfg.train)
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, plan.total_steps)
     say(f"optimizer: {describe_optimizer(optimizer, cfg.optimizer)}")
     say(f"schedule: {plan.total_steps} steps ({plan.updates_per_epoch}/epoch, {plan.epochs} epochs)")
@@ -118,16 +106,10 @@ def main(cfg: Config) -> dict:
         model, optimizer, train_dl, eval_dl, scheduler
     )
 
-    start_step, skipped_total = 0, 0  # skipped: updates the divergence guard skipped (non-finite)
-    if cfg.train.resume_from_checkpoint is not None:
-        path = find_checkpoint(out, cfg.train.resume_from_checkpoint)
-        start_step = load_checkpoint(accelerator, path)
-        skipped_total = read_progress(path).get("meta", {}).get("skipped_steps", 0)
-        say(f"resumed from {path} at step {start_step} (lr {scheduler.get_last_lr()[0]:.3g})")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    accelerator.init_trackers("finetune_bert", config=flat_config(cfg))  # no-op when report_to is []
+    start = resume(accelerator, out, cfg.train.resume_from_checkpoint)
+    if start.checkpoint is not None:
+        say(f"resumed from {start.checkpoint} at step {start.step} (lr {scheduler.get_last_lr()[0]:.3g})")
+    record_config(accelerator, cfg, out, "finetune_bert")
 
     # -------------------------------------------------------------------------------------- eval
     def evaluate() -> dict[str, float]:
@@ -166,40 +148,22 @@ def main(cfg: Config) -> dict:
         evaluate=evaluate,
         metrics=metrics,
         output_dir=out,
-        start_step=start_step,
-        skipped_steps=skipped_total,
+        start_step=start.step,
+        skipped_steps=start.skipped_steps,
     )
 
     # -------------------------------------------------------------------------------------- save
-    final_eval = metrics.last("eval/")
-    accelerator.wait_for_everyone()
-    model_dir = out / "model"
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(
-        model_dir,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
+    save_pretrained(accelerator, model, tokenizer, out / "model")
+    final = final_metrics(metrics, result, t_start)
+    title = f"finetune_bert: {cfg.model.name_or_path}"
+    report(
+        accelerator,
+        metrics,
+        final,
+        out,
+        title,
+        (f"model:   {out / 'model'}  (AutoModelForSequenceClassification.from_pretrained)",),
     )
-    final = {
-        **final_eval,
-        "train/loss": metrics.last("train/loss").get("train/loss", float("nan")),
-        "steps": result.steps,
-        "skipped_steps": result.skipped_steps,
-        "train_seconds": round(result.train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-    }
-    metrics_path = metrics.write(out, final)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(model_dir)
-        plot = plot_curves(
-            metrics.history, out / "curves.png", title=f"finetune_bert: {cfg.model.name_or_path}"
-        )
-        say(format_table(final))
-        say(f"plot:    {plot}\nmodel:   {model_dir}  (AutoModelForSequenceClassification.from_pretrained)")
-        say(f"metrics: {metrics_path}\nconfig:  {out / 'config.yaml'}")
-        if accelerator.trackers:  # accelerate skips a tracker whose package is missing
-            say(f"logs:    {out / 'logs'} ({', '.join(t.name for t in accelerator.trackers)})")
     accelerator.end_training()
     return final
 

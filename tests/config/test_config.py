@@ -8,8 +8,8 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from shardwise.config import ConfigError, from_dict, load_config, parse_args, save_config, to_dict
-from shardwise.train.config import OptimizerConfig, TrainConfig
+from shardwise.configfile import ConfigError, from_dict, load_config, parse_args, save_config, to_dict
+from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
 @dataclass

@@ -9,15 +9,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardwise.config import ConfigError, load_config
+from shardwise.configfile import ConfigError, load_config
 from shardwise.data.text import ClassificationDataConfig
-from shardwise.train.config import ModelConfig, OptimizerConfig, TrainConfig
+from shardwise.models.pretrained import PretrainedModelConfig
+from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
 @dataclass
 class RecipeConfig:  # the shape of recipes/finetune_bert.py's Config
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("m"))
+    model: PretrainedModelConfig = field(default_factory=lambda: PretrainedModelConfig("m"))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

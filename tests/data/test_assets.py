@@ -6,7 +6,7 @@ import pytest
 
 from shardwise.data.assets import ASSETS, SMOLLM_GGUF, STAMP, convert_gguf, fetch, read_orange_tab
 
-from ..recipes._run import ensure_assets
+from ..helpers import ensure_assets
 
 
 def test_read_orange_tab():

@@ -1,4 +1,5 @@
-"""recipes/cifar_resnet.py: config, optimizer registry, a smoke run, the CPU regression, the GPU check.
+"""recipes/cifar_resnet.py and the sweep recipes/cifar_compare.py: config, optimizer registry, a smoke
+run, the CPU regression, the GPU check.
 
 The regression (`slow`) runs configs/recipes/cifar_resnet18_fmnist_cpu.yaml as it is: ResNet-18 at
 width 1/8 on 4,000 Fashion-MNIST training images for 3 epochs, every optimizer of the comparison from
@@ -8,7 +9,6 @@ docs/cifar.md for the measured numbers and the choice of margins).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from shardwise.config import ConfigError, load_config
+from shardwise.configfile import ConfigError, load_config
 from shardwise.data.images import CIFAR10_ENV, DEBIAN_FASHION_MNIST_DIR, load_cifar10
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,20 +28,14 @@ CPU_CONFIG = ROOT / "configs/recipes/cifar_resnet18_fmnist_cpu.yaml"
 GPU_CONFIG = ROOT / "configs/recipes/cifar_resnet18_gpu.yaml"
 
 
-def _load_recipe():
-    # registered in sys.modules so that dataclass annotations (strings) resolve in the config loader
-    spec = importlib.util.spec_from_file_location("cifar_resnet_recipe", ROOT / "recipes/cifar_resnet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _load_recipe()
+# the recipes folder on the path, as for `python recipes/cifar_compare.py`: the sweep imports the recipe
+sys.path.insert(0, str(ROOT / "recipes"))
+import cifar_compare as compare  # noqa: E402
+import cifar_resnet as recipe  # noqa: E402
 
 
 def config(path=None, *overrides):
-    return load_config(recipe.Config, path, list(overrides))
+    return load_config(compare.Config, path, list(overrides))
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -50,7 +44,7 @@ def config(path=None, *overrides):
 @pytest.mark.parametrize("path", [CPU_CONFIG, GPU_CONFIG])
 def test_configs_load_and_start_with_their_command(path):
     first = path.read_text().splitlines()[0]
-    assert first == f"# python recipes/cifar_resnet.py --config configs/recipes/{path.name}"
+    assert first == f"# python recipes/cifar_compare.py --config configs/recipes/{path.name}"
     cfg = config(path)
     assert all(c.name in recipe.OPTIMIZERS for c in cfg.runs())
 
@@ -73,7 +67,7 @@ def test_compare_entries_are_names_or_mappings():
     runs = cfg.runs()
     assert [r.label for r in runs] == ["sgd", "adamw (lr=0.003, state_bits=8)"]
     assert runs[1].resolve().lr == 3e-3 and runs[1].resolve().state_bits == 8
-    assert recipe.run_dir_name(runs[1]) == "adamw_lr0.003_state_bits8"
+    assert compare.run_dir_name(runs[1]) == "adamw_lr0.003_state_bits8"
     assert config(None).runs() == [recipe.OptimizerChoice()]  # no compare: the `optimizer` section
 
 
@@ -142,10 +136,11 @@ def smoke(tmp_path_factory):
     write_cifar_folder(tmp / "cifar-10-batches-py")
     out = tmp / "out"
     cfg = config(None, *SMOKE, f"data.root={tmp}", f"train.output_dir={out}", "compare=[sgd_momentum, adamw]")
-    return cfg, out, recipe.main(cfg)
+    return cfg, out, compare.main(cfg)
 
 
-def test_smoke_writes_the_seeds_table_and_plots(smoke):
+@pytest.mark.slow
+def test_smoke_writes_the_comparison_table_and_plots(smoke):
     _, out, results = smoke
     assert [r.name for r in results] == ["sgd_momentum", "adamw"]
     table = (out / "comparison.md").read_text().splitlines()
@@ -164,7 +159,7 @@ def test_smoke_writes_the_seeds_table_and_plots(smoke):
         evals = [h["step"] for h in r.history if "eval/accuracy" in h]
         assert evals == [1, 5, 10]
         assert all(math.isfinite(h["train/loss"]) for h in r.history if "train/loss" in h)
-        run_dir = out / recipe.run_dir_name(recipe.OptimizerChoice(name=r.name))
+        run_dir = out / compare.run_dir_name(recipe.OptimizerChoice(name=r.name))
         assert json.loads((run_dir / "metrics.json").read_text())["final"]["steps"] == 10
         assert (run_dir / "curves.png").is_file()
     state = {r.name: r.optimizer_state_bytes for r in results}
@@ -172,6 +167,7 @@ def test_smoke_writes_the_seeds_table_and_plots(smoke):
     assert state["sgd_momentum"] == 4 * n_params and state["adamw"] == 8 * n_params
 
 
+@pytest.mark.slow
 def test_same_initialization_and_data_for_every_optimizer(smoke):
     _, _, results = smoke
     # the step-1 loss depends only on the initial weights and the first batch
@@ -179,29 +175,32 @@ def test_same_initialization_and_data_for_every_optimizer(smoke):
     assert len({round(v, 6) for v in first_losses.values()}) == 1, first_losses
 
 
+@pytest.mark.slow
 def test_resume_latest_reads_finished_runs_back(smoke, capsys):
     cfg, _, results = smoke
     cfg.train.resume_from_checkpoint = "latest"
-    again = recipe.main(cfg)
+    again = compare.main(cfg)
     assert [(r.name, r.train_seconds, r.final_accuracy) for r in again] == [
         (r.name, r.train_seconds, r.final_accuracy) for r in results
     ]
     assert "finished earlier" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_single_optimizer_with_checkpoint_and_resume(tmp_path):
     write_cifar_folder(tmp_path / "cifar-10-batches-py")
     out = tmp_path / "out"
     common = [*SMOKE, f"data.root={tmp_path}", f"train.output_dir={out}", "optimizer.name=adam"]
-    first = recipe.main(config(None, *common, "train.epochs=1", "train.checkpoint_every=5"))[0]
+    first = compare.main(config(None, *common, "train.epochs=1", "train.checkpoint_every=5"))[0]
     assert first.steps == 5 and (out / "checkpoints/step_0000005/progress.json").is_file()
-    resumed = recipe.main(config(None, *common, "train.epochs=2", "train.resume_from_checkpoint=latest"))[0]
+    resumed = compare.main(config(None, *common, "train.epochs=2", "train.resume_from_checkpoint=latest"))[0]
     assert resumed.steps == 10 and (out / "metrics.json").is_file() and (out / "comparison.md").is_file()
     # the history before the checkpoint came back with it: the early eval (step 1) and every epoch
     assert [h["step"] for h in resumed.history if "eval/accuracy" in h] == [1, 5, 10]
     assert resumed.early_accuracy == first.early_accuracy and resumed.train_seconds > first.train_seconds
 
 
+@pytest.mark.slow
 def test_eight_bit_forms_run(tmp_path):
     write_cifar_folder(tmp_path / "cifar-10-batches-py")
     cfg = config(
@@ -209,7 +208,7 @@ def test_eight_bit_forms_run(tmp_path):
         "compare=[adamw_8bit, adabelief_8bit]",
     )  # fmt: skip
     try:
-        results = recipe.main(cfg)
+        results = compare.main(cfg)
     except NotImplementedError as e:
         pytest.skip(f"8-bit optimizer state not implemented yet: {e}")
     params = list(recipe.resnet18(width=0.0625).parameters())
@@ -223,7 +222,7 @@ def test_eight_bit_forms_run(tmp_path):
 def test_missing_data_fails_with_where_to_put_it(tmp_path):
     cfg = config(None, *SMOKE, f"data.root={tmp_path / 'nothing'}", f"train.output_dir={tmp_path / 'o'}")
     with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
-        recipe.main(cfg)
+        compare.main(cfg)
 
 
 # ------------------------------------------------------------------------------- CPU regression (slow)
@@ -280,7 +279,7 @@ def regression(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {r.name: r for r in recipe.main(cfg)}
+        return {r.name: r for r in compare.main(cfg)}
     finally:
         torch.set_num_threads(threads)
 
@@ -299,9 +298,9 @@ def test_cpu_regression_accuracy_floor(regression, name):
 
 @pytest.mark.slow
 @pytest.mark.timeout(REGRESSION_TIMEOUT)
-def test_cpu_regression_seed_claims(regression):
+def test_cpu_regression_original_claims(regression):
     r = regression
-    # "Adam ahead of plain SGD early" (seed: 71% vs 45% after 10 of 100 epochs). At this scale the test
+    # "Adam ahead of plain SGD early" (original: 71% vs 45% after 10 of 100 epochs). At this scale the test
     # accuracy after 10% of the steps (step 19) is dominated by BatchNorm running statistics that have
     # seen 19 batches, so the claim is checked on the training loss over the first epoch, where Adam led
     # by 0.09, 0.15 and 0.13 nats (seeds 0-2), and on the test accuracy after epoch 1 (+1.4, +10.2,
@@ -312,19 +311,19 @@ def test_cpu_regression_seed_claims(regression):
         for n in ("adam", "sgd")
     }
     assert at_epoch_1["adam"] >= at_epoch_1["sgd"] - 0.03, at_epoch_1
-    # "AdamW >= Adam" (seed: 89.1% vs 86.7%). Over 189 steps decoupled decay shrinks the weights by
+    # "AdamW >= Adam" (original: 89.1% vs 86.7%). Over 189 steps decoupled decay shrinks the weights by
     # lr * wd * steps = 0.2% in all, so the two are the same algorithm up to noise here: measured, the
     # last-epoch training losses agreed to 0.006 nats; AdamW's test accuracy was 2.0 and 2.1 points lower
     # (seeds 0, 1) and 3.6 points higher (seed 2). Tolerances: 0.03 nats and 4 points.
     assert train_loss(r["adamw"], 2) <= train_loss(r["adam"], 2) + 0.03
     assert r["adamw"].final_accuracy >= r["adam"].final_accuracy - 0.04
-    # momentum helps SGD (seed: 88.4% vs 72.3%): in training loss; the test accuracy is noisier
+    # momentum helps SGD (original: 88.4% vs 72.3%): in training loss; the test accuracy is noisier
     assert train_loss(r["sgd_momentum"], 2) < train_loss(r["sgd"], 2)
 
 
 # ------------------------------------------------------------------------------------- GPU (-m gpu)
 
-# The seed's table (ResNet-18, CIFAR-10, batch 128, constant lr). GPU_EPOCHS=10 (default) checks the
+# The original table (ResNet-18, CIFAR-10, batch 128, constant lr). GPU_EPOCHS=10 (default) checks the
 # after-10-epochs column, GPU_EPOCHS=100 the final one; floors are 10 points (10 epochs, where the
 # constant-lr curves still swing by several points between epochs) or 5 points below.
 SEED_TABLE = {
@@ -334,7 +333,7 @@ SEED_TABLE = {
 
 
 @pytest.mark.gpu
-def test_gpu_full_resnet18_cifar10_matches_the_seed(tmp_path):
+def test_gpu_full_resnet18_cifar10_matches_the_original_table(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     try:
@@ -349,7 +348,7 @@ def test_gpu_full_resnet18_cifar10_matches_the_seed(tmp_path):
         GPU_CONFIG, f"train.epochs={epochs}", f"train.output_dir={tmp_path}", "data.allow_hub=false",
         "train.checkpoint_every=null", "train.report_to=[]", "train.progress=false",
     )  # fmt: skip
-    results = {r.name: r for r in recipe.main(cfg)}
+    results = {r.name: r for r in compare.main(cfg)}
     for name, acc in seed_acc.items():
         assert results[name].final_accuracy >= acc - margin, (name, results[name].final_accuracy, acc)
     # Adam ahead of SGD early (after 10% of the epochs)

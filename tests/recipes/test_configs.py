@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shardwise.config import ConfigError, load_config
+from shardwise.configfile import ConfigError, load_config
 
-from ._run import ROOT
+from ..helpers import ROOT
 
 CONFIGS = ROOT / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml"))
@@ -87,11 +87,12 @@ def test_deepspeed_json(path):
     assert data["zero_optimization"]["stage"] in (1, 2, 3)
 
 
+@pytest.mark.slow
 def test_cpu_ddp_starts_two_processes(tmp_path):
     """The cpu_ddp config really starts 2 workers (``--cpu --num_processes 2`` would start one)."""
     import subprocess
 
-    from ._run import recipe_cmd
+    from ..helpers import recipe_cmd
 
     script = tmp_path / "ranks.py"
     # One write per rank: print() of several arguments may be several writes when stdout is

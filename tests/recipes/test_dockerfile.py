@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ._run import ROOT
+from ..helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

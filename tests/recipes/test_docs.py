@@ -6,7 +6,9 @@ import re
 import subprocess
 import sys
 
-from ._run import ROOT
+import pytest
+
+from ..helpers import ROOT
 
 
 def _example(marker: str) -> str:
@@ -16,6 +18,7 @@ def _example(marker: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 def test_trainer_example_runs(tmp_path):
     code = _example("trainer-example")
     proc = subprocess.run(

@@ -18,11 +18,11 @@ import time
 import pytest
 import torch
 
-from shardwise.config import load_config
+from shardwise.configfile import load_config
+from shardwise.errors import exit_on_error
 from shardwise.train.checkpoint import checkpoint_problem, find_checkpoint, list_checkpoints, read_latest
-from shardwise.train.errors import exit_on_error
 
-from ._run import ROOT, ensure_assets, metrics, recipe_cmd, run
+from ..helpers import ROOT, ensure_assets, metrics, recipe_cmd, run
 
 FAST = ["train.report_to=[]", "train.progress=false"]
 TINY = str(ROOT / "configs" / "recipes" / "bert_tiny.yaml")
@@ -71,6 +71,7 @@ def _csv(path, rows):
 # clear errors
 
 
+@pytest.mark.slow
 def test_cli_errors_one_line_exit_2(tmp_path):
     """From the command line: a wrong type and a missing data file; `error:` + `hint:`, exit 2."""
     for overrides, expected in [
@@ -124,6 +125,7 @@ def test_bad_values_data_and_output_dir(tmp_path, capsys):
 # divergence
 
 
+@pytest.mark.slow
 def test_huge_lr_diverges_stops_and_keeps_last_good_checkpoint(tmp_path):
     """lr 1e30: the first update is applied (and checkpointed), the next ones overflow; after 3 skipped
     updates the run stops with the remedies, exit 2, and step 1's checkpoint is the one kept."""

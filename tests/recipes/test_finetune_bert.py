@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from ._run import ensure_assets, metrics, recipe_cmd, run
+from ..helpers import ensure_assets, metrics, recipe_cmd, run
 
 FAST = ["train.report_to=[]", "train.progress=false"]
 
@@ -30,6 +30,7 @@ def _check_outputs(out, steps):
     return m
 
 
+@pytest.mark.slow
 def test_tiny_one_process(tmp_path):
     out = tmp_path / "run"
     proc = run(
@@ -51,7 +52,7 @@ def test_tiny_two_processes_sharded_8bit(tmp_path):
     """Through launch/local.sh, as a user would: recipe, recipe config, accelerate config, overrides."""
     import sys
 
-    from ._run import ACCELERATE, free_port
+    from ..helpers import ACCELERATE, free_port
 
     out = tmp_path / "run"
     cmd = [
@@ -87,6 +88,7 @@ def test_tiny_deepspeed(tmp_path, ds_config):
     assert model.bert.embeddings.word_embeddings.weight.shape == (30522, 32)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """Resumed from the step-4 (an epoch boundary) and step-6 (mid-epoch) checkpoints, with dropout on
     and 8-bit optimizer state, a run repeats the uninterrupted run's losses and learning rates exactly:
@@ -123,11 +125,12 @@ def test_resume_is_exact(tmp_path):
         assert metrics(resumed)["final"]["steps"] == 8
 
 
+@pytest.mark.slow
 def test_bad_override_fails_with_key_and_hint(tmp_path):
     import subprocess
     import sys
 
-    from ._run import ROOT
+    from ..helpers import ROOT
 
     proc = subprocess.run(
         [
@@ -151,7 +154,7 @@ def test_fsdp_on_cpu_fails_loudly(tmp_path):
     """accelerate ignores its FSDP plugin on CPU (it would silently run DDP): the recipe refuses."""
     import subprocess
 
-    from ._run import ROOT
+    from ..helpers import ROOT
 
     cmd = recipe_cmd(
         "finetune_bert.py",

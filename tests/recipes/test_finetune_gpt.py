@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ._run import ensure_assets, metrics, recipe_cmd, run
+from ..helpers import ensure_assets, metrics, recipe_cmd, run
 
 FAST = ["train.report_to=[]", "train.progress=false"]
 
@@ -28,6 +28,7 @@ def _check(out):
     return m
 
 
+@pytest.mark.slow
 def test_tiny_one_process(tmp_path):
     out = tmp_path / "run"
     proc = run(recipe_cmd("finetune_gpt.py", "gpt_tiny.yaml", f"train.output_dir={out}"))

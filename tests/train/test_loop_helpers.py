@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from shardwise.train.checkpoint import find_checkpoint, list_checkpoints
-from shardwise.train.config import OptimizerConfig, TrainConfig
-from shardwise.train.loop import plan_steps
-from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
+from shardwise.train.metrics import Metrics, curve_panels, flat_config, format_table, plot_curves
+from shardwise.train.plan import plan_steps
+from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
 def test_plan_steps_epochs_accumulation_and_max_steps():
@@ -51,6 +51,7 @@ def test_metrics_json_plot_and_table(tmp_path):
     assert data["final"]["eval/accuracy"] == 0.9 and len(data["history"]) == 6
     png = plot_curves(m.history, tmp_path / "curves.png", title="t")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert curve_panels(m.history) == [["train/loss", "eval/loss"], ["train/lr"], ["eval/accuracy"]]
     table = format_table({"eval/accuracy": 0.91234, "steps": 5})
     assert "| eval/accuracy | 0.9123 |" in table and "steps" in table
 
@@ -66,3 +67,32 @@ def test_flat_config_is_scalar():
     flat = flat_config(C())
     assert flat["optimizer.preset"] == "finetune" and flat["train.report_to"] == "['tensorboard']"
     assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
+
+
+def test_skipped_steps_panel_only_when_a_step_was_skipped():
+    history = [{"step": s, "train/loss": 1.0, "train/lr": 0.1, "train/epoch": 0, "train/skipped_steps": 0}
+               for s in (1, 2)]  # fmt: skip
+    assert curve_panels(history) == [["train/loss"], ["train/lr"]]
+    history[1]["train/skipped_steps"] = 1
+    assert curve_panels(history)[-1] == ["train/skipped_steps"]
+
+
+def test_check_fsdp_engaged_flags_an_ignored_fsdp_plugin(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from shardwise.train.accel import check_fsdp_engaged
+
+    fake = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=None), distributed_type=DistributedType.MULTI_CPU
+    )
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    check_fsdp_engaged(fake)  # nothing asked
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="falls back to DDP"):
+        check_fsdp_engaged(fake)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    fake.state.fsdp_plugin = object()  # asked in code: Accelerator(fsdp_plugin=...)
+    with pytest.raises(RuntimeError, match="fully_shard"):
+        check_fsdp_engaged(fake)
+    fake.distributed_type = DistributedType.FSDP
+    check_fsdp_engaged(fake)  # really running FSDP

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shardwise.config import ConfigError, from_dict
+from shardwise.configfile import ConfigError, from_dict
+from shardwise.errors import CheckpointError, DivergenceError
 from shardwise.train.accel import make_accelerator
 from shardwise.train.checkpoint import (
     check_output_dir,
@@ -22,9 +23,10 @@ from shardwise.train.checkpoint import (
     read_latest,
     save_checkpoint,
 )
-from shardwise.train.config import OptimizerConfig, TrainConfig
-from shardwise.train.errors import CheckpointError, DivergenceError
-from shardwise.train.loop import build_optimizer, optimizer_steps, plan_steps
+from shardwise.train.optimizer import build_optimizer
+from shardwise.train.plan import plan_steps
+from shardwise.train.sections import OptimizerConfig, TrainConfig
+from shardwise.train.update import optimizer_steps
 
 
 @pytest.fixture(autouse=True)
@@ -176,3 +178,41 @@ def test_invalid_values_are_config_errors(tmp_path):
     assert "train longer" in err.value.hint
     with pytest.raises(ConfigError, match=r"optimizer: .*beta"):
         build_optimizer(model, OptimizerConfig(betas=(1.5, 0.9)), 8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# run_training: the loss hook, extra evaluations, the history and clock in its checkpoints
+
+
+def test_run_training_loss_hook_extra_evals_and_resume_state(tmp_path):
+    from shardwise.train.loop import read_history, resume, run_training
+    from shardwise.train.metrics import Metrics
+
+    acc, model, opt, dl, sched, plan, train = _setup(tmp_path, max_steps=6, checkpoint_every=3, log_every=1)
+    assert plan.updates_per_epoch == 8  # eval_every defaults to the epoch: only the extra ones fire
+    losses_seen, evals = [], []
+
+    def loss_fn(m, batch):
+        losses_seen.append(1)
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    def evaluate():
+        evals.append(1)
+        return {"eval/loss": 1.0 / len(evals)}
+
+    metrics = Metrics(acc)
+    result = run_training(
+        acc, model, dl, opt, sched, plan, train, evaluate=evaluate, metrics=metrics, output_dir=tmp_path,
+        loss_fn=loss_fn, eval_at_steps={0, 2},
+    )  # fmt: skip
+    assert result.steps == 6 and len(losses_seen) == 6
+    assert [h["step"] for h in metrics.history if "eval/loss" in h] == [0, 2, 6]  # baseline, extra, final
+    assert metrics.history[0] == {"step": 0, "eval/loss": 1.0}  # before any update
+    ckpt = tmp_path / "checkpoints" / "step_0000006"
+    assert [h["step"] for h in read_history(ckpt) if "eval/loss" in h] == [
+        0,
+        2,
+    ]  # saved before the final eval
+    start = resume(acc, tmp_path, "latest")
+    assert (start.checkpoint, start.step, start.skipped_steps) == (ckpt, 6, 0)
+    assert 0 < start.train_seconds <= result.train_seconds

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardwise.train.errors import ShardwiseError
+from shardwise.errors import ShardwiseError
 
 ASSETS_ENV = "SHARDWISE_ASSETS"
 PREFIX = "assets:"

@@ -32,10 +32,13 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from shardwise.errors import DataNotFoundError
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -43,12 +46,14 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "DataNotFoundError",
     "ImageData",
+    "ImageDataConfig",
     "ImageTensorDataset",
     "augment_batch",
     "channel_stats",
     "load_cifar10",
     "load_fashion_mnist",
     "load_image_data",
+    "load_images",
     "make_loader",
     "read_idx",
 ]
@@ -69,10 +74,6 @@ _FMNIST_FILES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
-    """The dataset is not at any place we look; the message says where to put it."""
-
-
 @dataclass
 class ImageData:
     """Both splits of a dataset as uint8 (N, 3, 32, 32) images and int64 labels, plus train statistics."""
@@ -86,6 +87,14 @@ class ImageData:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str
+
+    def summary(self) -> str:
+        """One line: name, source, split sizes, normalization statistics."""
+        mean, std = [round(m, 4) for m in self.mean], [round(v, 4) for v in self.std]
+        n_train, n_test = len(self.train_labels), len(self.test_labels)
+        return (
+            f"{self.name} from {self.source}: {n_train} train / {n_test} test images, mean {mean}, std {std}"
+        )
 
     def subset(self, n_train: int | None, n_test: int | None, seed: int = 0) -> ImageData:
         """A random subset of each split (same seed, same subset); None keeps a split whole.
@@ -253,6 +262,26 @@ def load_cifar10(root: str | os.PathLike | None = None, *, allow_hub: bool = Tru
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extract it, and pass the "
         f"cifar-10-batches-py folder (holding {files}) as data.root or set ${CIFAR10_ENV}."
     )
+
+
+@dataclass
+class ImageDataConfig:
+    """The ``data`` section of an image recipe (CIFAR-10 or Fashion-MNIST, optionally a subset)."""
+
+    dataset: Literal["cifar10", "fashion_mnist"] = "cifar10"
+    # a cifar-10-batches-py folder / a folder of Fashion-MNIST IDX files; None = env var, Debian path, hub
+    root: str | None = None
+    allow_hub: bool = True  # CIFAR-10 only: datasets.load_dataset("uoft-cs/cifar10") when no folder
+    train_subset: int | None = None  # random subset sizes (None = whole split), drawn with subset_seed
+    test_subset: int | None = None
+    subset_seed: int = 0
+    augment: bool = True  # random crop (pad 4) + horizontal flip on the training split
+
+
+def load_images(cfg: ImageDataConfig) -> ImageData:
+    """The data set ``cfg`` names, from the first place it is found, cut to the configured subsets."""
+    data = load_image_data(cfg.dataset, cfg.root, allow_hub=cfg.allow_hub)
+    return data.subset(cfg.train_subset, cfg.test_subset, seed=cfg.subset_seed)
 
 
 def load_image_data(name: str, root: str | os.PathLike | None = None, *, allow_hub: bool = True) -> ImageData:

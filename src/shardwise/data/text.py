@@ -13,7 +13,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from shardwise.train.errors import DataError
+from shardwise.errors import DataError
 
 from .assets import AssetsMissing, resolve
 

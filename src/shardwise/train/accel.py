@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from .config import TrainConfig
+from .sections import TrainConfig
 
 
 def env_flag(name: str) -> bool:
@@ -27,11 +27,10 @@ def env_flag(name: str) -> bool:
 def make_accelerator(train: TrainConfig, project_dir: str, *, with_trackers: bool = True):
     """An ``Accelerator`` for ``train`` (precision, accumulation, trackers, seedable data order)."""
     from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-    from accelerate.utils import DistributedType, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     on_cpu = not torch.cuda.is_available()
     deepspeed = env_flag("ACCELERATE_USE_DEEPSPEED")
-    fsdp = env_flag("ACCELERATE_USE_FSDP")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # (with a single process, a process-group handler makes accelerate look for a group that is not there)
     # A finite collective timeout: when a rank dies, a survivor blocked in all-reduce / barrier fails
@@ -55,13 +54,24 @@ def make_accelerator(train: TrainConfig, project_dir: str, *, with_trackers: boo
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
-    if fsdp and accelerator.distributed_type != DistributedType.FSDP:
+    check_fsdp_engaged(accelerator)
+    return accelerator
+
+
+def check_fsdp_engaged(accelerator) -> None:
+    """Fail loudly when accelerate was asked for FSDP (config file / env, or a plugin) but runs
+    something else: accelerate 1.x ignores its FSDP plugin on CPU and falls back to DDP, so every
+    rank would hold the full model and optimizer state while the user believes it is sharded."""
+    from accelerate.utils import DistributedType
+
+    asked = env_flag("ACCELERATE_USE_FSDP") or getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
         raise RuntimeError(
             f"the accelerate config asks for FSDP but accelerate set up {accelerator.distributed_type.value} "
             "(accelerate ignores its FSDP plugin on CPU and silently falls back to DDP). Use "
-            "configs/accelerate/cpu_ddp.yaml or a DeepSpeed config on CPU, fsdp2.yaml on GPUs."
+            "configs/accelerate/cpu_ddp.yaml or a DeepSpeed config on CPU, fsdp2.yaml on GPUs; or drive "
+            "FSDP2 directly (torch.distributed.fsdp.fully_shard: shardwise handles its DTensor parameters)."
         )
-    return accelerator
 
 
 def is_deepspeed(accelerator) -> bool:

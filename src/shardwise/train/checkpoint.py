@@ -32,8 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shardwise.errors import CheckpointError
+
 from . import faults
-from .errors import CheckpointError
 
 PROGRESS = "progress.json"
 LATEST = "latest"

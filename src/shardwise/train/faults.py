@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 
 ENV = "SHARDWISE_TEST_FAULTS"
@@ -35,9 +36,11 @@ def get(name: str) -> float | None:
 
 
 def pause(stage: str) -> None:
-    """Sleep ``slow_save`` seconds (a checkpoint-save stage), when set."""
+    """Sleep ``slow_save`` seconds at a checkpoint-save stage, when set; the stage goes to stderr first,
+    so that the output of a killed run shows where in the save the kill landed."""
     delay = get("slow_save")
     if delay:
+        print(f"{ENV}: checkpoint save, {stage}", file=sys.stderr, flush=True)
         time.sleep(delay)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,69 @@ class Metrics:
         return path
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakMemory:
+    """A run's peak memory: CUDA's allocator peak on a GPU, else the process RSS at each ``sample()``."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device, self.cuda = device, device.type == "cuda"
+        self.kind = "cuda" if self.cuda else "rss"  # "cuda": max_memory_allocated; "rss": sampled
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self._rss = rss_bytes()
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self._rss = max(self._rss, rss_bytes())
+
+    @property
+    def bytes(self) -> int:
+        import torch
+
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else self._rss
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state: shardwise's own count (8-bit codes and scales), else every state tensor
+    but the step counter (torch.optim.SGD's momentum buffers, torch Adam's moments)."""
+    import torch
+
+    if hasattr(optimizer, "state_bytes"):
+        return optimizer.state_bytes()
+    tensors = (
+        v for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"
+    )
+    return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def curve_panels(history: list[dict[str, Any]]) -> list[list[str]]:
+    """The panels of ``curves.png``, each a list of metric names: the losses (train and eval together),
+    the learning rate, then one per other metric. ``train/epoch`` is not a curve, and
+    ``train/skipped_steps`` appears only when the divergence guard skipped an update."""
+    names = {k for rec in history for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+    names.discard("train/epoch")
+    if not any(rec.get("train/skipped_steps") for rec in history):
+        names.discard("train/skipped_steps")
+    panels = [
+        [n for n in ("train/loss", "eval/loss") if n in names],
+        [n for n in ("train/lr",) if n in names],
+    ]
+    panels += [[n] for n in sorted(names - {"train/loss", "eval/loss", "train/lr"})]
+    return [p for p in panels if p]
+
+
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | str:
-    """One panel per metric (train/loss, eval/loss, eval/accuracy, ...) against the optimizer step.
+    """One panel per metric (train/loss with eval/loss, train/lr, eval/accuracy, ...) against the step.
 
     Returns the PNG path, or a note saying how to get plots when matplotlib is not installed.
     """
@@ -56,13 +118,10 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for rec in history:
         for k, v in rec.items():
-            if k not in ("step", "train/lr", "train/epoch") and isinstance(v, (int, float)):
+            if k != "step" and isinstance(v, (int, float)):
                 series[k].append((rec["step"], v))
-    # one panel for the losses (train and eval together), one per other metric; a shared step axis so
-    # that a single end-of-run evaluation still shows where it happened
-    panels = [[n for n in ("train/loss", "eval/loss") if n in series]]
-    panels += [[n] for n in sorted(series) if n not in ("train/loss", "eval/loss")]
-    panels = [p for p in panels if p]
+    # a shared step axis, so that a single evaluation still shows where in the run it happened
+    panels = curve_panels(history)
     last = max((rec["step"] for rec in history), default=1)
     cols = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / cols))
@@ -102,7 +161,7 @@ def format_table(values: dict[str, Any], title: str = "final metrics") -> str:
 
 def flat_config(cfg: Any) -> dict[str, Any]:
     """A config dataclass as ``{"optimizer.lr": ...}`` with scalar values (TensorBoard hparams)."""
-    from shardwise.config import to_dict
+    from shardwise.configfile import to_dict
 
     out: dict[str, Any] = {}
 

@@ -5,19 +5,21 @@ A recipe composes them into its own top-level dataclass::
     @dataclass
     class RecipeConfig:
         data: MyDataConfig = field(default_factory=MyDataConfig)
-        model: MyModelConfig = field(default_factory=MyModelConfig)
+        model: PretrainedModelConfig = field(default_factory=...)  # shardwise.models.pretrained
         optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
         train: TrainConfig = field(default_factory=TrainConfig)
 
-Validation of ranges lives in ``__post_init__`` so that ``shardwise.config.from_dict`` reports it with
-the section's dotted path.
+Validation of ranges lives in ``__post_init__`` so that ``shardwise.configfile.from_dict`` reports it
+with the section's dotted path. The optimizer section checks at load time only what must fail before
+anything runs (a typo'd lr, a negative warmup); the optimizer's own validation (betas, eps, ...) is
+turned into a ConfigError by ``shardwise.train.optimizer.build_optimizer``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 
 @dataclass
@@ -96,6 +98,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = at the end of every epoch
+    eval_at_start: bool = False  # also evaluate the initial weights (step 0): curves start at the baseline
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
     progress: bool = True  # tqdm bars on the main process
     num_workers: int = 0
@@ -127,33 +130,6 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
-
-@dataclass
-class ModelConfig:
-    """Which pretrained model (hub id, local directory or ``assets:models/...``), or a fresh one.
-
-    ``from_scratch: true`` builds the architecture from its config with random weights (tiny test
-    models); ``config_overrides`` are passed to the config either way (e.g. ``hidden_size`` for a tiny
-    model, ``hidden_dropout_prob`` when fine-tuning).
-    """
-
-    name_or_path: str
-    tokenizer: str | None = None  # default: name_or_path
-    from_scratch: bool = False
-    # with from_scratch: build this architecture ("gpt2", "bert", ...) instead of name_or_path's config
-    model_type: str | None = None
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.model_type is not None and not self.from_scratch:
-            raise ValueError("model_type builds a fresh architecture: set from_scratch: true as well")
-
-    def hf_config(self, **extra: Any):
-        """The transformers config: name_or_path's (or a fresh ``model_type``), with the overrides."""
-        from transformers import AutoConfig
-
-        from shardwise.data.assets import resolve
-
-        if self.model_type is not None:
-            return AutoConfig.for_model(self.model_type, **extra, **self.config_overrides)
-        return AutoConfig.from_pretrained(resolve(self.name_or_path), **extra, **self.config_overrides)
+    def eval_batch(self) -> int:
+        """The evaluation batch size per process: no gradients are kept, so twice the training one."""
+        return self.eval_batch_size or 2 * self.batch_size

@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from shardwise.train.errors import ShardwiseError
+from shardwise.errors import ConfigError, did_you_mean
 
 __all__ = [
     "ConfigError",
@@ -50,10 +50,6 @@ __all__ = [
 T = TypeVar("T")
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
-
-
-class ConfigError(ShardwiseError, ValueError):
-    """A config value or key is invalid; the message names the dotted key and how to fix it."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,8 +166,7 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 
 def _unknown_key(cls: type, key: str, path: str) -> ConfigError:
     valid = list(_fields(cls))
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(key, valid, cutoff=0.5)
     return ConfigError(
         f"unknown config key {path or key!r} in {cls.__name__}{hint} (valid keys: {', '.join(valid)})"
     )

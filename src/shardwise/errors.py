@@ -1,5 +1,8 @@
 """Errors a user can act on, and the recipes' top-level handler that prints them in one line.
 
+The bottom layer of the package: it imports nothing from shardwise, and every other module raises
+these (``configfile``, ``data``, ``models``, ``train``; ``optim`` keeps torch's ValueError style).
+
 Every error the project raises for a bad config, bad data, a refused output folder, a missing
 checkpoint or a diverged run is a :class:`ShardwiseError`. Its message names the key / file / step,
 its ``hint`` says what to do. ``exit_on_error`` turns one into::
@@ -13,8 +16,10 @@ on stderr and exit code 2 (no traceback). Any other exception is a bug and keeps
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import sys
+from collections.abc import Iterable
 
 EXIT_CODE = 2  # argparse's code for bad usage: the run cannot succeed as configured
 
@@ -27,8 +32,16 @@ class ShardwiseError(Exception):
         self.hint = hint
 
 
+class ConfigError(ShardwiseError, ValueError):
+    """A config value or key is invalid; the message names the dotted key and how to fix it."""
+
+
 class DataError(ShardwiseError, ValueError):
     """The data set cannot be used as configured (missing file or column, bad labels, empty split)."""
+
+
+class DataNotFoundError(ShardwiseError, FileNotFoundError):
+    """A data set is not at any place we look; the message says where to put it."""
 
 
 class CheckpointError(ShardwiseError, FileNotFoundError):
@@ -37,6 +50,12 @@ class CheckpointError(ShardwiseError, FileNotFoundError):
 
 class DivergenceError(ShardwiseError, RuntimeError):
     """Too many consecutive optimizer steps skipped for non-finite loss or gradients."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` (difflib), or "" when none is close."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Helpers for the recipe tests: the asset cache (fetched once, skipped without PyPI) and subprocess runs."""
+"""Helpers shared by the tests: the asset cache (fetched once, skipped without PyPI), recipe runs in
+a subprocess, metrics.json, a free port (tests/_dist.py uses it too)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 

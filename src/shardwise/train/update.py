@@ -1,0 +1,137 @@
+"""The update mechanics every recipe shares: micro-batches in, one :class:`Update` per optimizer step out.
+
+Accumulation, clipping, optimizer + LR-scheduler step, the seeded per-epoch data order, the exact
+mid-epoch resume, and the divergence guard. What a run reports and keeps (logging, evaluation,
+checkpoints) is :func:`shardwise.train.loop.run_training`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from shardwise.errors import DivergenceError
+
+from . import faults
+from .accel import is_deepspeed
+from .plan import StepPlan
+from .rng import restore_rng_after_first_batch, rng_state
+from .sections import TrainConfig
+
+
+def model_loss(model, batch):
+    """The default loss: transformers models compute it from ``labels`` in the batch."""
+    return model(**batch).loss
+
+
+class Update(NamedTuple):
+    """One optimizer update as :func:`optimizer_steps` yields it."""
+
+    step: int  # optimizer updates done so far, this one included
+    epoch: int
+    loss: Any  # this process's mean loss over the update's micro-batches (0-d tensor, no host sync)
+    skipped: bool  # the loss or the gradients were not finite: parameters and state left untouched
+
+
+def find_skipping_optimizer(optimizer):
+    """The shardwise optimizer under accelerate's (and DeepSpeed's) wrappers when it skips non-finite
+    steps (and counts them in ``skipped_steps``); None for any other optimizer."""
+    for _ in range(4):
+        if getattr(optimizer, "skip_nonfinite", False) and hasattr(optimizer, "skipped_steps"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def divergence_error(step: int, streak: int, optimizer, train: TrainConfig) -> DivergenceError:
+    """The error that stops a diverged run: which steps were skipped, the settings, the remedies."""
+    lr = optimizer.param_groups[0]["lr"] if getattr(optimizer, "param_groups", None) else "?"
+    clip = f"train.max_grad_norm={train.max_grad_norm}" if train.max_grad_norm else "no clipping"
+    return DivergenceError(
+        f"training diverged: the last {streak} optimizer steps ({step - streak + 1}..{step}) had a "
+        f"non-finite loss or gradients and were skipped (train.max_consecutive_skips="
+        f"{train.max_consecutive_skips}; lr {lr:.3g}, {clip}). Parameters and optimizer state are those "
+        f"of step {step - streak}; no checkpoint was written after it",
+        hint="lower the learning rate (optimizer.lr), clip gradients (train.max_grad_norm=1.0), try "
+        "optimizer.amsgrad=true, check the data's normalization and labels; then resume from the last "
+        "good checkpoint (train.resume_from_checkpoint=latest)",
+    )
+
+
+def optimizer_steps(
+    accelerator,
+    model,
+    train_dl,
+    optimizer,
+    scheduler,
+    plan: StepPlan,
+    train: TrainConfig,
+    start_step: int = 0,
+    loss_fn=model_loss,
+):
+    """Run the training micro-batches; yield an :class:`Update` ``(step, epoch, loss, skipped)`` after
+    every optimizer update.
+
+    The mechanics all recipes share: gradient accumulation (``accelerator.accumulate``), clipping
+    (DeepSpeed clips itself, from its JSON), optimizer + LR-scheduler step, the seeded per-epoch data
+    order, and — when ``start_step`` > 0 after a resume — skipping the micro-batches already seen in
+    that epoch, with the restored RNG state (dropout masks) as it was at the checkpoint. ``loss`` is
+    this process's mean loss over the update's micro-batches, a 0-d tensor on the device (no host sync
+    here; reduce it when logging). ``loss_fn(model, batch)`` returns a micro-batch's 0-d loss. The
+    caller logs, evaluates and saves.
+
+    Divergence guard: a non-finite micro-batch loss is turned into NaN gradients (multiplying by a
+    factor that is exactly 1 when the loss is finite, so nothing changes then, and no host sync), which
+    the optimizer (``skip_nonfinite``) skips on every rank alike. The update still counts as a step
+    (the data and the schedule move on). After ``train.max_consecutive_skips`` skipped updates in a row
+    this raises :class:`DivergenceError` with the remedies, before yielding, so no checkpoint of that
+    state is written.
+    """
+    clip = train.max_grad_norm is not None and not is_deepspeed(accelerator)
+    guarded = find_skipping_optimizer(optimizer)
+    nan = torch.tensor(float("nan"), device=accelerator.device)
+    start_epoch, skip = plan.position(start_step, train.grad_accum_steps)
+    # the RNG state load_state restored, for the iterator of a resumed, already started epoch
+    resumed_rng = rng_state() if skip else None
+    step, streak = start_step, 0
+    for epoch in range(start_epoch, plan.epochs):
+        if step >= plan.total_steps:
+            return
+        train_dl.set_epoch(epoch)
+        batches = train_dl
+        if epoch == start_epoch and skip:
+            rest = accelerator.skip_first_batches(train_dl, skip)
+            batches = restore_rng_after_first_batch(rest, resumed_rng)
+        total, n = 0.0, 0
+        skipped_before = guarded.skipped_steps if guarded is not None else 0
+        for batch in batches:
+            faults.maybe_raise(step + 1, accelerator.process_index)
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch)
+                if faults.nan_loss(step + 1, accelerator.process_index):
+                    loss = loss * nan
+                # exactly 1.0 for a finite loss; NaN makes every gradient NaN (all-reduced to all ranks)
+                loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, nan)
+                accelerator.backward(loss)
+                if clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total, n = total + loss.detach().float(), n + 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()  # once per update: make_accelerator sets step_scheduler_with_optimizer=False
+            step += 1
+            if guarded is not None:
+                skipped = guarded.skipped_steps > skipped_before
+                skipped_before = guarded.skipped_steps
+            else:  # an optimizer without the guard (torch.optim.SGD): notice, though the update was applied
+                skipped = not bool(torch.isfinite(total))
+            streak = streak + 1 if skipped else 0
+            if streak >= train.max_consecutive_skips:
+                raise divergence_error(step, streak, optimizer, train)
+            yield Update(step, epoch, total / n, skipped)
+            total, n = 0.0, 0
+            if step >= plan.total_steps:
+                return
