@@ -150,6 +150,7 @@ def _train(make_opt, steps=200, seed=0):
     return final, losses, opt
 
 
+@pytest.mark.slow  # ~4.5 min on 2 cores: CI runs it, make test-fast does not
 @pytest.mark.parametrize(("variant", "amsgrad"), VARIANTS)
 def test_8bit_training_tracks_32bit(variant, amsgrad):
     kw = dict(lr=3e-3, variant=variant, amsgrad=amsgrad)

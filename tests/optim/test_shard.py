@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import copy
 import os
-import types
 
 import pytest
 import torch
 
 from shardwise.optim import AdamW
 from shardwise.optim import checkpoint as ckpt
-from shardwise.optim.shard import check_accelerate_sharding, chunk_bounds, make_partition
+from shardwise.optim.shard import chunk_bounds, make_partition
 
 from .._dist import run_workers
 from . import dist_workers as w
@@ -43,23 +42,6 @@ def test_shard_needs_a_process_group():
 def test_invalid_shard_argument():
     with pytest.raises(ValueError, match="Invalid shard: 'yes'"):
         make_partition(shard_arg="yes", params=[])
-
-
-def test_check_accelerate_sharding_flags_ignored_fsdp(monkeypatch):
-    from accelerate.utils import DistributedType
-
-    fake = types.SimpleNamespace(
-        state=types.SimpleNamespace(fsdp_plugin=None),
-        distributed_type=DistributedType.MULTI_CPU,
-        device=torch.device("cpu"),
-    )
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    check_accelerate_sharding(fake)  # nothing asked
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(RuntimeError, match="fully_shard"):
-        check_accelerate_sharding(fake)
-    fake.distributed_type = DistributedType.FSDP
-    check_accelerate_sharding(fake)  # really running FSDP
 
 
 def test_sharded_checkpoint_single_process_roundtrip(tmp_path):

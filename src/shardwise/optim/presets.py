@@ -1,8 +1,8 @@
 """Named hyperparameter presets: optimizer kwargs plus a learning-rate schedule.
 
-From the project seed's cheat sheet. Schedules are built by ``transformers.get_scheduler`` (linear,
-cosine, cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, constant_with_warmup, ...), never
-re-implemented here.
+The usual starting points per task (vision, transformers, fine-tuning, GANs, LLMs, ...). Schedules
+are built by ``transformers.get_scheduler`` (linear, cosine, cosine_with_min_lr, inverse_sqrt,
+warmup_stable_decay, constant_with_warmup, ...), never re-implemented here.
 
 =================  =======  ======  ============  =====  =====  ====================  ======
 preset             class    lr      betas         eps    wd     schedule              warmup

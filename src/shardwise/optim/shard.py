@@ -21,7 +21,6 @@ maximum is ``ceil(d0 / world)`` rows of every parameter, the same as any balance
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -378,26 +377,3 @@ def make_partition(*, shard_arg: Any, params: list[Tensor]) -> Replicated | Zero
     raise ValueError(
         f"Invalid shard: {shard_arg!r} (expected False, True or a torch.distributed.ProcessGroup)"
     )
-
-
-# --------------------------------------------------------------------------------------- accelerate
-def check_accelerate_sharding(accelerator: Any) -> None:
-    """Fail loudly when accelerate was asked for FSDP but is not running it.
-
-    Accelerate (1.x) silently ignores an FSDP plugin (``--use_fsdp``, ``fsdp_config``,
-    ``Accelerator(fsdp_plugin=...)``) on CPU and runs plain DDP, so every rank would hold the full
-    model and optimizer state while the user believes it is sharded. Call this right after building
-    the ``Accelerator``.
-    """
-    from accelerate.utils import DistributedType
-
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    asked = asked or getattr(accelerator.state, "fsdp_plugin", None) is not None
-    if asked and accelerator.distributed_type != DistributedType.FSDP:
-        raise RuntimeError(
-            f"accelerate was asked for FSDP but runs {accelerator.distributed_type} on "
-            f"{accelerator.device.type}: it ignores the FSDP plugin on this device, so nothing would be "
-            "sharded. Drive FSDP2 directly instead: torch.distributed.fsdp.fully_shard(module) on each "
-            "block and on the model (shardwise optimizers handle its DTensor parameters with no flag), "
-            "or use ZeRO-1 with AdamW(..., shard=True) under DDP, or DeepSpeed (DeepSpeedPlugin)."
-        )
