@@ -289,32 +289,54 @@ def plot_memory(doc: dict, path: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- e2e
-def e2e_section(doc: dict, plots: Path) -> str:
+def e2e_section(doc: dict, plots: Path, suffix: str = "") -> str:
     cfg = doc["config"]
+    if "cases" not in doc:  # one case (MiniLM), written before the GPT and DDP cases existed
+        intro = (
+            "Training throughput of the BERT recipe's model "
+            f"(`{cfg['model']}`, {cfg['num_labels']} labels) at batch {cfg['batch_size']} x "
+            f"{cfg['seq_len']} tokens, synthetic data identical for every row; "
+        )
+        groups = [(None, doc["rows"])]
+    else:
+        intro = (
+            f"Training throughput of the recipes' models on `{cfg['device']}` ({cfg['precision']}), "
+            "synthetic data identical for every row of a case; "
+        )
+        groups = [(case, [r for r in doc["rows"] if r["case"] == case]) for case in doc["cases"]]
     out = [
-        f"Training throughput of the BERT recipe's model (`{cfg['model']}`, {cfg['num_labels']} labels) at "
-        f"batch {cfg['batch_size']} x {cfg['seq_len']} tokens, synthetic data identical for every row; "
-        f"{cfg['rounds']} interleaved rounds of {cfg['steps_per_round']} timed steps each. Ratio = samples/s "
-        "/ samples/s of the plain loop with torch fused AdamW (higher is faster).",
+        intro + f"{cfg['rounds']} interleaved rounds of {cfg['steps_per_round']} timed steps each. "
+        "Ratio = samples/s / samples/s of the plain loop with torch fused AdamW"
+        + (" of the same case" if "cases" in doc else "")
+        + " (higher is faster)"
+        + ("; range = min-max of the per-round paired ratios." if "cases" in doc else "."),
         f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
-    body = []
-    for r in doc["rows"]:
-        if r["status"] != "ok":
-            body.append([r["label"], r["status"], "", ""])
-            continue
-        body.append(
-            [
-                r["label"],
-                f"**{fmt_x(r['ratio'])}**" if "ratio" in r else "",
+    for case, rows in groups:
+        if case is not None:
+            c = doc["cases"][case]
+            ranks = f", {c['world']} processes (DDP, gloo)" if c["world"] > 1 else ""
+            out.append(
+                f"\n**{case}**: `{c['model']}` ({c['kind']}), batch {c['batch_size']} x {c['seq_len']} "
+                f"tokens{' per rank' if ranks else ''}{ranks}.\n"
+            )
+        body = []
+        for r in rows:
+            if r["status"] != "ok":
+                body.append([r["label"], r["status"], "", ""] + ([""] if case else []))
+                continue
+            ratio = [f"**{fmt_x(r['ratio'])}**" if "ratio" in r else ""]
+            if case is not None:
+                ratio.append(f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio_min" in r else "")
+            sps = (
                 f"{fmt_g(r['samples_per_s'])} "
-                f"({fmt_g(r['samples_per_s_min'])}-{fmt_g(r['samples_per_s_max'])})",
-                fmt_mib(r["state_bytes"]),
-            ]
-        )
-    out.append(_table(["loop, optimizer", "samples/s ratio", "samples/s (min-max)", "state MiB"], body))
-    png = plot_e2e(doc, plots / "e2e.png")
+                f"({fmt_g(r['samples_per_s_min'])}-{fmt_g(r['samples_per_s_max'])})"
+            )
+            body.append([r["label"], *ratio, sps, fmt_mib(r["state_bytes"])])
+        header = ["loop, optimizer", "samples/s ratio"] + (["range"] if case else [])
+        out.append(_table([*header, "samples/s (min-max)", "state MiB"], body))
+    png = plot_e2e(doc, plots / f"e2e{suffix}.png")
     if png:
         out.append(f"\n![end-to-end samples/s]({png})")
     return "\n".join(out)
@@ -325,18 +347,34 @@ def plot_e2e(doc: dict, path: Path) -> str | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    ax.barh(
-        [r["label"] for r in rows],
-        [r["samples_per_s"] for r in rows],
-        xerr=[
+    if "cases" not in doc:
+        labels, title = [r["label"] for r in rows], f"End-to-end training, {doc['config']['model']}"
+        xs = [r["samples_per_s"] for r in rows]
+        err = [
             [r["samples_per_s"] - r["samples_per_s_min"] for r in rows],
             [r["samples_per_s_max"] - r["samples_per_s"] for r in rows],
-        ],
+        ]
+        xlabel = "samples/s (median, min-max over rounds)"
+    else:  # cases differ in samples/s by orders of magnitude: plot the ratios
+        rows = [r for r in rows if "ratio" in r]
+        if not rows:
+            return None
+        labels = [f"{r['case']}: {r['label']}" for r in rows]
+        title = f"End-to-end training, {doc['config']['device']}"
+        xs = [r["ratio"] for r in rows]
+        err = [[r["ratio"] - r["ratio_min"] for r in rows], [r["ratio_max"] - r["ratio"] for r in rows]]
+        xlabel = "samples/s / plain loop with torch fused AdamW (median, min-max of paired rounds)"
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    ax.barh(
+        labels,
+        xs,
+        xerr=err,
         color=["#1f77b4" if "shardwise" in r["name"] else "#7f7f7f" for r in rows],
     )
-    ax.set_xlabel("samples/s (median, min-max over rounds)")
-    ax.set_title(f"End-to-end training, {doc['config']['model']}", fontsize=10)
+    if "cases" in doc:
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
     ax.invert_yaxis()
     fig.tight_layout()
     return _save(fig, path, plt)

@@ -115,14 +115,21 @@ def test_memory_schema(results):
 
 @pytest.mark.slow
 def test_e2e_schema(results):
+    """Every case (MiniLM, SmolLM2-shaped, 2-process DDP) has its own baseline, ratios and spread."""
     doc = json.loads((results / "e2e.json").read_text())
     _check_machine(doc)
-    _check_rows(doc["rows"], ("samples_per_s", "samples_per_s_min", "samples_per_s_max", "ratio"))
-    assert {r["name"] for r in doc["rows"]} == {
-        "loop_shardwise_8bit",
-        "trainer_torch_fused",
-        "loop_torch_fused",
-    }
+    _check_rows(
+        doc["rows"], ("samples_per_s", "samples_per_s_min", "samples_per_s_max", "ratio", "ratio_min")
+    )
+    assert set(doc["cases"]) == {"minilm", "smollm2", "ddp"} and doc["cases"]["ddp"]["world"] == 2
+    names = {case: {r["name"] for r in doc["rows"] if r["case"] == case} for case in doc["cases"]}
+    assert names["minilm"] == {"loop_shardwise_8bit", "trainer_torch_fused", "loop_torch_fused"}
+    assert names["smollm2"] == names["ddp"] == {"loop_shardwise_8bit", "loop_torch_fused"}
+    for r in doc["rows"]:
+        assert r["status"] == "ok", r  # no anchor is optional here: all are torch or shardwise
+        if r["name"] == "loop_torch_fused":
+            assert r["ratio"] == 1.0
+    assert len(doc["headline"]) == 3
 
 
 @pytest.mark.slow
