@@ -50,10 +50,11 @@ def _git_sha() -> str:
             text=True,
             timeout=10,
         )
-        sha = out.stdout.strip() or "unknown"
+        # a copy of the tree without .git (a GPU machine) can be told its commit
+        sha = out.stdout.strip() or os.environ.get("SHARDWISE_GIT_SHA", "unknown")
         return sha + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("SHARDWISE_GIT_SHA", "unknown")
 
 
 def _version(module: str) -> str | None:

@@ -373,9 +373,10 @@ def headline(doc: dict) -> list[str]:
     lines = []
     for case, cfg in cases.items():
         by_name = {r["name"]: r for r in rows if r.get("case") == case}
+        named = [n for n in by_name if n.startswith("loop_shardwise_") and n.count("_") == 3]
         parts = [
             f"{by_name[n]['label']} **{fmt_x(by_name[n]['ratio'])}**"
-            for n in ("loop_shardwise_8bit", "loop_shardwise_32bit", "trainer_torch_fused")
+            for n in ("loop_shardwise_8bit", "loop_shardwise_32bit", *named, "trainer_torch_fused")
             if by_name.get(n, {}).get("ratio")
         ]
         a, b = by_name.get("trainer_shardwise_8bit", {}), by_name.get("trainer_torch_fused", {})

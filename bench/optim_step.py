@@ -184,7 +184,8 @@ def headline(doc: dict) -> list[str]:
         for r in doc["rows"]:
             if r.get("status") != "ok" or r["library"] != "shardwise":
                 continue
-            if r["impl"] == "fused" and r["state_bits"] == bits:
+            plain = r["variant"] == "adam" and not r["amsgrad"]
+            if r["impl"] == "fused" and r["state_bits"] == bits and not plain:
                 base = row_ratio(doc, r["name"], f"shardwise_fused_adam_{bits}bit")
                 if base:
                     worst.append(base)

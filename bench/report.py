@@ -380,6 +380,53 @@ def plot_e2e(doc: dict, path: Path) -> str | None:
     return _save(fig, path, plt)
 
 
+# ---------------------------------------------------------------------------------------- gpu check
+def gpu_check_section(doc: dict, run: dict | None) -> str:
+    """bench/gpu_check.py (compiled fused path vs reference on the device) and gpu.sh's stages."""
+    tol = doc["tolerances"]
+    out = [
+        f"bench/gpu.sh checks correctness on `{doc['config']['device']}` before it times anything: "
+        f"the compiled fused backend vs the reference implementation, {doc['config']['steps']} steps "
+        "of fresh random gradients, and `AdamW(impl='fused')` vs `AdamW(impl='reference')` on "
+        f"mixed parameters. Pass: relative error <= {tol['rel_32bit']:g} (32-bit state), parameters "
+        f"<= {tol['rel_param_8bit']:g} and codes within 1 on >= {tol['codes_equal_8bit']:.1%} of "
+        "elements (8-bit). **"
+        + ("All passed" if doc["passed"] else "NOT all passed" if doc.get("complete", True) else "Incomplete")
+        + "**.",
+        f"\nMeasured on: {machine_line(doc)}.",
+        _quick_note(doc),
+    ]
+    body = []
+    for r in doc["rows"]:
+        rel = [v for k, v in r.items() if k.startswith("rel_") and isinstance(v, float)]
+        eq = [v for k, v in r.items() if k.endswith("codes_equal")]
+        body.append(
+            [
+                r["check"],
+                r["rule"],
+                f"{r['state_bits']}-bit",
+                r["status"],
+                f"{r['rel_param']:.1e}" if "rel_param" in r else "",
+                f"{max(rel):.1e}" if rel else "",
+                f"{min(eq):.4%}" if eq else "",
+            ]
+        )
+    out.append(
+        _table(
+            ["check", "rule", "state", "status", "param rel err", "max rel err", "codes equal (min)"], body
+        )
+    )
+    if run:
+        out += [
+            f"\ngpu.sh stages ({run['total_seconds']} s in all):\n",
+            _table(
+                ["stage", "status", "seconds", "limit s"],
+                [[s["stage"], s["status"], str(s["seconds"]), str(s["limit_s"])] for s in run["stages"]],
+            ),
+        ]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------------------- zero
 def zero_section(doc: dict) -> str:
     out = [
@@ -471,12 +518,16 @@ def render(results: Path, plots: Path | None = None) -> str:
     names = (
         "optim_step",
         "optim_step_cuda",
+        "optim_step_cuda_1b",
         "scaling",
         "scaling_cuda",
         "memory",
         "e2e",
+        "e2e_cuda",
         "zero",
         "quality_8bit",
+        "gpu_check",
+        "gpu_run",
     )
     docs = {n: _load(results, n) for n in names}
     quick = any((d or {}).get("config", {}).get("quick") for d in docs.values())
@@ -496,18 +547,26 @@ def render(results: Path, plots: Path | None = None) -> str:
     sections = [
         ("Optimizer step (CPU)", "optim_step", lambda d: optim_step_section(d, plots)),
         ("Optimizer step (CUDA)", "optim_step_cuda", lambda d: optim_step_section(d, plots, "_cuda")),
+        (
+            "Optimizer step (CUDA, ~1B params)",
+            "optim_step_cuda_1b",
+            lambda d: optim_step_section(d, plots, "_cuda_1b"),
+        ),
         ("Scaling with parameter count (CPU)", "scaling", lambda d: scaling_section(d, plots)),
         ("Scaling with parameter count (CUDA)", "scaling_cuda", lambda d: scaling_section(d, plots, "_cuda")),
         ("Training memory", "memory", lambda d: memory_section(d, plots)),
         ("End-to-end throughput", "e2e", lambda d: e2e_section(d, plots)),
+        ("End-to-end throughput (CUDA)", "e2e_cuda", lambda d: e2e_section(d, plots, "_cuda")),
         ("ZeRO-1 sharding", "zero", zero_section),
         ("8-bit state: training quality", "quality_8bit", lambda d: quality_section(d, results)),
+        ("GPU correctness check", "gpu_check", lambda d: gpu_check_section(d, docs["gpu_run"])),
     ]
     for title, name, fn in sections:
         parts += [f"## {title}", ""]
         doc = docs[name]
         if doc is None:
-            how = "`bash bench/gpu.sh` on a CUDA machine" if name.endswith("cuda") else f"`bench/{name}.py`"
+            gpu = "cuda" in name or name.startswith("gpu_")
+            how = "`bash bench/gpu.sh` on a CUDA machine" if gpu else f"`bench/{name}.py`"
             parts += [f"Not run: `{name}.json` is not in the results (run {how}).", ""]
         else:
             parts += [fn(doc), ""]
@@ -516,7 +575,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         "",
         "```",
         "bash bench/run_all.sh          # all CPU benchmarks at full size, then this report",
-        "bash bench/gpu.sh              # on a CUDA machine: the optimizer benchmarks on the GPU",
+        "bash bench/gpu.sh              # on a CUDA machine: correctness, optimizer step, bf16 step",
         "python bench/quality_8bit.py   # 32- vs 8-bit state on the demo fine-tune (separate: ~20 min)",
         "python bench/report.py         # regenerate BENCHMARKS.md and plots from bench/results/*.json",
         "```",
