@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: machine facts, interleaved timing, state bytes, JSON output.
+"""Helpers the benchmark scripts share: machine facts, interleaved timing, state bytes, memory,
+ports, the GPT model they train, number formats, JSON output. Each helper exists here once.
 
 Timing rule for every script here: candidates are measured in ONE process with interleaved
 repetitions (each repetition times every candidate once, in a rotating order), so that a noisy
@@ -12,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,10 +50,11 @@ def _git_sha() -> str:
             text=True,
             timeout=10,
         )
-        sha = out.stdout.strip() or "unknown"
+        # a copy of the tree without .git (a GPU machine) can be told its commit
+        sha = out.stdout.strip() or os.environ.get("SHARDWISE_GIT_SHA", "unknown")
         return sha + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("SHARDWISE_GIT_SHA", "unknown")
 
 
 def _version(module: str) -> str | None:
@@ -165,7 +168,13 @@ def tensor_bytes(t: torch.Tensor, seen: set[int] | None = None) -> int:
 
 
 def state_bytes(opt) -> int:
-    """Bytes of optimizer state (all state tensors but ``step``); shardwise's own count when it has one."""
+    """Bytes of optimizer state (all state tensors but ``step``); shardwise's own count when it has one.
+
+    A ``ZeroRedundancyOptimizer`` is measured by the optimizer it wraps (its rank's part).
+    """
+    inner = getattr(opt, "optim", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        opt = inner
     if hasattr(opt, "state_bytes"):
         return int(opt.state_bytes())
     seen: set[int] = set()
@@ -183,6 +192,23 @@ def peak_rss_bytes() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (psutil); the high-water mark when psutil is missing."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return peak_rss_bytes()
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5, device: str = "cpu") -> float:
@@ -217,3 +243,90 @@ def unavailable(e: BaseException) -> str:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------- the GPT recipe's model
+SMOLLM2_ASSET = "models/SmolLM2-135M-Instruct"
+# SmolLM2-135M's architecture (its config.json), used when the asset cache is missing or when the
+# weights cannot travel (a GPU machine): random init, the same shapes and the same work per step.
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+TINY_LLAMA = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
+
+def gpt_model(quick: bool, random_init: bool = False):
+    """The GPT recipe's model and where it came from: SmolLM2-135M from the asset cache, or (no
+    cache, or ``random_init``) its architecture with random init; ``quick``: a tiny Llama."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if quick:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)), "tiny Llama (random init, --quick)"
+    from shardwise.data.assets import assets_dir
+
+    path = Path(assets_dir()) / SMOLLM2_ASSET
+    if not random_init and (path / "model.safetensors").exists():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), f"assets:{SMOLLM2_ASSET}"
+    torch.manual_seed(0)
+    why = "requested" if random_init else "no asset cache"
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), f"SmolLM2-135M config, random init ({why})"
+
+
+# --------------------------------------------------------------------------------- number formats
+def fmt_g(x: float, digits: int = 3) -> str:
+    """A number with ``digits`` significant figures, no exponent for everyday magnitudes."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def fmt_x(r: float) -> str:
+    return f"{r:.2f}x"
+
+
+def fmt_gib(b: float) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def fmt_mib(b: float) -> str:
+    return f"{b / 2**20:,.1f}"
+
+
+def machine_line(doc: dict) -> str:
+    """Where a results JSON was measured, in one line (the report's "Measured on")."""
+    m = doc.get("machine", {})
+    dev = m.get("gpu") or f"{m.get('cpu_model', '?')}, {m.get('logical_cpus', '?')} logical CPUs"
+    threads = doc.get("config", {}).get("threads", m.get("torch_threads"))
+    return (
+        f"{dev}; {threads} threads; torch {m.get('torch', '?')}; {m.get('date', '?')}; "
+        f"git {m.get('git_sha', '?')}"
+    )
+
+
+def row_ratio(doc: dict, a: str, b: str, key: str = "median_ms") -> float | None:
+    """``rows[a][key] / rows[b][key]`` when both rows were measured, else None."""
+    rows = {r["name"]: r for r in doc["rows"]}
+    ra, rb = rows.get(a, {}), rows.get(b, {})
+    if ra.get("status") == "ok" and rb.get("status") == "ok":
+        return ra[key] / rb[key]
+    return None

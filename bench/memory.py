@@ -24,34 +24,22 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, log, machine_facts, peak_rss_bytes, state_bytes, unavailable, write_json
+from common import (
+    RESULTS_DIR,
+    fmt_gib,
+    fmt_mib,
+    gpt_model,
+    log,
+    machine_facts,
+    peak_rss_bytes,
+    rss_bytes,
+    state_bytes,
+    unavailable,
+    write_json,
+)
 
-ASSET = "models/SmolLM2-135M-Instruct"
-# SmolLM2-135M's architecture, used when the asset cache is missing (random init, same shapes).
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-TINY = dict(
-    vocab_size=1000,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
 CANDIDATES = {
     "no_optimizer": "forward + backward only (floor)",
     "torch_adamw": "torch AdamW fused fp32",
@@ -61,21 +49,6 @@ CANDIDATES = {
     "torchao_adamw8bit": "torchao AdamW8bit",
 }
 _MARK = "@@RESULT@@"
-
-
-def _load_model(quick: bool):
-    """The recipe's model and where it came from: the asset cache, or its config with random init."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    if quick:
-        return LlamaForCausalLM(LlamaConfig(**TINY)), "tiny Llama (random init, --quick)"
-    from shardwise.data.assets import assets_dir
-
-    path = Path(assets_dir()) / ASSET
-    if (path / "model.safetensors").exists():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), f"assets:{ASSET}"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), "SmolLM2-135M config, random init (no asset cache)"
 
 
 def _make(name: str, model):
@@ -103,11 +76,11 @@ def child(name: str, args) -> dict:
     """One candidate, in this (fresh) process."""
     torch.set_num_threads(args.threads)
     out = {"name": name, "label": CANDIDATES[name]}
-    model, source = _load_model(args.quick)
+    model, source = gpt_model(args.quick)
     model.train()
     out["model"] = source
     out["params"] = sum(p.numel() for p in model.parameters())
-    out["rss_after_load_bytes"] = _rss()
+    out["rss_after_load_bytes"] = rss_bytes()
     out["peak_rss_after_load_bytes"] = peak_rss_bytes()
     try:
         opt = _make(name, model)
@@ -139,13 +112,17 @@ def child(name: str, args) -> dict:
     return out
 
 
-def _rss() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        return peak_rss_bytes()
+def headline(doc: dict) -> list[str]:
+    """This result's line in the README headline (report.py prints it as it is)."""
+    rows = {r["name"]: r for r in doc["rows"]}
+    a, b = rows.get("torch_adamw", {}), rows.get("shardwise_8bit", {})
+    if a.get("status") != "ok" or b.get("status") != "ok":
+        return []
+    return [
+        f"- Peak training memory, {doc['config']['model']}: {fmt_gib(b['peak_rss_bytes'])} GiB with "
+        f"shardwise 8-bit vs {fmt_gib(a['peak_rss_bytes'])} GiB with torch AdamW "
+        f"(optimizer state {fmt_mib(b['state_bytes'])} vs {fmt_mib(a['state_bytes'])} MiB)."
+    ]
 
 
 def run_child(name: str, args) -> dict:
@@ -227,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
+    payload["headline"] = headline(payload)
     write_json(args.out, payload)
     return payload
 

@@ -32,9 +32,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from common import (
     RESULTS_DIR,
+    fmt_x,
     interleaved,
     log,
     machine_facts,
+    row_ratio,
     state_bytes,
     summarize,
     unavailable,
@@ -129,6 +131,70 @@ def candidates(reference: str) -> list[Candidate]:
                     )
                 )
     return cands
+
+
+def headline(doc: dict) -> list[str]:
+    """This result's lines in the README headline (report.py prints them as they are)."""
+    if doc["config"]["device"] != "cpu":
+        gpu = doc["machine"].get("gpu", "CUDA")
+        parts = []
+        for name, label in (
+            ("shardwise_fused_adam_32bit", "fused 32-bit"),
+            ("shardwise_fused_adam_8bit", "8-bit"),
+        ):
+            r = row_ratio(doc, name, BASELINE)
+            if r:
+                parts.append(f"{label} **{fmt_x(r)}**")
+        if not parts:
+            return []
+        size = f" ({doc['config']['params'] / 1e6:.1f}M params)" if doc["config"]["params"] > 2e8 else ""
+        return [
+            f"- On {gpu}{size}: shardwise AdamW step time vs torch fused AdamW: " + ", ".join(parts) + "."
+        ]
+    lines = []
+    n = f"{doc['config']['params'] / 1e6:.1f}M params, {doc['config']['threads']} CPU threads"
+    fused32 = row_ratio(doc, "shardwise_fused_adam_32bit", BASELINE)
+    fused8 = row_ratio(doc, "shardwise_fused_adam_8bit", BASELINE)
+    if fused32:
+        lines.append(
+            f"- Optimizer step, fp32 state: shardwise fused AdamW takes **{fmt_x(fused32)}** the time "
+            f"of torch's fused AdamW ({n})."
+        )
+    if fused8:
+        rest = []
+        for anchor, label in (
+            ("bnb_adamw8bit", "bitsandbytes AdamW8bit"),
+            ("torchao_adamw8bit", "torchao AdamW8bit"),
+        ):
+            r = row_ratio(doc, anchor, "shardwise_fused_adam_8bit")
+            if r and r >= 1:
+                rest.append(
+                    f"**{r:.0f}x** faster than {label}" if r >= 10 else f"**{fmt_x(r)}** faster than {label}"
+                )
+            elif r:
+                rest.append(f"**{fmt_x(1 / r)}** slower than {label}")
+        bpp = {r["name"]: r for r in doc["rows"]}["shardwise_fused_adam_8bit"]["state_bytes_per_param"]
+        lines.append(
+            f"- 8-bit state ({bpp:.2f} B/param vs 8): **{fmt_x(fused8)}** torch fused fp32 time"
+            + (", " + " and ".join(rest) if rest else "")
+            + "."
+        )
+    worst = []
+    for bits in (32, 8):
+        for r in doc["rows"]:
+            if r.get("status") != "ok" or r["library"] != "shardwise":
+                continue
+            plain = r["variant"] == "adam" and not r["amsgrad"]
+            if r["impl"] == "fused" and r["state_bits"] == bits and not plain:
+                base = row_ratio(doc, r["name"], f"shardwise_fused_adam_{bits}bit")
+                if base:
+                    worst.append(base)
+    if worst:
+        lines.append(
+            f"- Every variant (AMSGrad, RAdam, AdaBelief; 32- and 8-bit): at most **{fmt_x(max(worst))}** "
+            "the time of plain AdamW with the same state."
+        )
+    return lines
 
 
 def _selected(c: Candidate, only: list[str] | None) -> bool:
@@ -260,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": BASELINE,
         "rows": list(rows.values()),
     }
+    payload["headline"] = headline(payload)
     write_json(args.out, payload)
     return payload
 

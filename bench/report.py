@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import REPO, RESULTS_DIR
+from common import REPO, RESULTS_DIR, fmt_g, fmt_gib, fmt_mib, fmt_x, machine_line
 
 HEADLINE_BEGIN, HEADLINE_END = "<!-- bench:headline -->", "<!-- /bench:headline -->"
 LIB_COLORS = {
@@ -35,37 +35,6 @@ def _load(results: Path, name: str) -> dict | None:
 
 def _ok(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("status", "ok") == "ok"]
-
-
-def _g(x: float, digits: int = 3) -> str:
-    """A number with ``digits`` significant figures, no exponent for everyday magnitudes."""
-    if x == 0:
-        return "0"
-    if abs(x) >= 10 ** (digits - 1):
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
-
-
-def _x(r: float) -> str:
-    return f"{r:.2f}x"
-
-
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.2f}"
-
-
-def _mib(b: float) -> str:
-    return f"{b / 2**20:,.1f}"
-
-
-def _machine_line(doc: dict) -> str:
-    m = doc.get("machine", {})
-    dev = m.get("gpu") or f"{m.get('cpu_model', '?')}, {m.get('logical_cpus', '?')} logical CPUs"
-    threads = doc.get("config", {}).get("threads", m.get("torch_threads"))
-    return (
-        f"{dev}; {threads} threads; torch {m.get('torch', '?')}; {m.get('date', '?')}; "
-        f"git {m.get('git_sha', '?')}"
-    )
 
 
 def _quick_note(doc: dict) -> str:
@@ -93,14 +62,6 @@ def _by_name(doc: dict) -> dict[str, dict]:
     return {r["name"]: r for r in doc["rows"]}
 
 
-def _ratio(doc: dict, a: str, b: str, key: str = "median_ms") -> float | None:
-    rows = _by_name(doc)
-    ra, rb = rows.get(a, {}), rows.get(b, {})
-    if ra.get("status") == "ok" and rb.get("status") == "ok":
-        return ra[key] / rb[key]
-    return None
-
-
 # --------------------------------------------------------------------------------------- optim_step
 def optim_step_section(doc: dict, plots: Path, suffix: str = "") -> str:
     cfg = doc["config"]
@@ -112,7 +73,7 @@ def optim_step_section(doc: dict, plots: Path, suffix: str = "") -> str:
         + (f", {cfg['inner_steps']} steps per timed sample. " if cfg.get("inner_steps", 1) > 1 else ". ")
         + "Ratio = median step time / median of torch fused AdamW in the same run (lower is faster); "
         "the range is the min-max of the per-repetition paired ratios.",
-        f"\nMeasured on: {_machine_line(doc)}.",
+        f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
     rows = []
@@ -124,10 +85,10 @@ def optim_step_section(doc: dict, plots: Path, suffix: str = "") -> str:
         rows.append(
             [
                 r["label"],
-                f"**{_x(r['ratio'])}**" if "ratio" in r else "",
+                f"**{fmt_x(r['ratio'])}**" if "ratio" in r else "",
                 rng,
                 f"{r['state_bytes_per_param']:.3f}",
-                f"{_g(r['median_ms'])} ({_g(r['min_ms'])}-{_g(r['max_ms'])})",
+                f"{fmt_g(r['median_ms'])} ({fmt_g(r['min_ms'])}-{fmt_g(r['max_ms'])})",
             ]
         )
     out.append(
@@ -157,7 +118,7 @@ def variant_matrix(doc: dict) -> str:
         for i in impls:
             for b in (32, 8):
                 base = t.get((i, "adam", b))
-                cells.append(_x(t[(i, v, b)] / base) if (i, v, b) in t and base else "")
+                cells.append(fmt_x(t[(i, v, b)] / base) if (i, v, b) in t and base else "")
         body.append(cells)
     return _table(header, body)
 
@@ -207,7 +168,7 @@ def scaling_section(doc: dict, plots: Path, suffix: str = "") -> str:
         "(bytes moved per step / measured copy bandwidth; "
         + ", ".join(f"{k}-bit state: {v:g} B/param" for k, v in doc["bytes_moved_per_param"].items())
         + f"; copy bandwidth {bw / 1e9:.1f} GB/s). `of bound` = bound / measured (1.0 = at the bound).",
-        f"\nMeasured on: {_machine_line(doc)}.",
+        f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
     labels = list(dict.fromkeys(r["label"] for r in doc["rows"]))
@@ -223,7 +184,7 @@ def scaling_section(doc: dict, plots: Path, suffix: str = "") -> str:
                 row.append(r.get("status", ""))
                 continue
             ratio = f"{r['median_ms'] / base['median_ms']:.2f}x, " if base.get("status") == "ok" else ""
-            row.append(f"{ratio}{_g(r['median_ms'])} ms, {r['fraction_of_bound']:.2f} of bound")
+            row.append(f"{ratio}{fmt_g(r['median_ms'])} ms, {r['fraction_of_bound']:.2f} of bound")
         body.append(row)
     out.append(
         _table(["params"] + [f"{lab} (vs {labels[0]})" if i else lab for i, lab in enumerate(labels)], body)
@@ -280,7 +241,7 @@ def memory_section(doc: dict, plots: Path) -> str:
         f"steps of the GPT recipe's model (`{cfg['model']}`) at batch {cfg['batch_size']} x "
         f"{cfg['seq_len']} tokens, synthetic ids; `over floor` = peak minus the forward + backward "
         "only run.",
-        f"\nMeasured on: {_machine_line(doc)}.",
+        f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
     ref = _by_name(doc).get("torch_adamw", {})
@@ -289,14 +250,14 @@ def memory_section(doc: dict, plots: Path) -> str:
         if r["status"] != "ok":
             body.append([r["label"], r["status"], "", "", ""])
             continue
-        vs = _x(r["peak_rss_bytes"] / ref["peak_rss_bytes"]) if ref.get("status") == "ok" else ""
+        vs = fmt_x(r["peak_rss_bytes"] / ref["peak_rss_bytes"]) if ref.get("status") == "ok" else ""
         body.append(
             [
                 r["label"],
                 vs,
-                _gib(r["peak_rss_bytes"]),
-                _gib(r.get("peak_over_floor_bytes", 0)) if "peak_over_floor_bytes" in r else "",
-                f"{_mib(r['state_bytes'])} ({r['state_bytes_per_param']:.2f} B/param)",
+                fmt_gib(r["peak_rss_bytes"]),
+                fmt_gib(r.get("peak_over_floor_bytes", 0)) if "peak_over_floor_bytes" in r else "",
+                f"{fmt_mib(r['state_bytes'])} ({r['state_bytes_per_param']:.2f} B/param)",
             ]
         )
     out.append(
@@ -328,31 +289,54 @@ def plot_memory(doc: dict, path: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- e2e
-def e2e_section(doc: dict, plots: Path) -> str:
+def e2e_section(doc: dict, plots: Path, suffix: str = "") -> str:
     cfg = doc["config"]
+    if "cases" not in doc:  # one case (MiniLM), written before the GPT and DDP cases existed
+        intro = (
+            "Training throughput of the BERT recipe's model "
+            f"(`{cfg['model']}`, {cfg['num_labels']} labels) at batch {cfg['batch_size']} x "
+            f"{cfg['seq_len']} tokens, synthetic data identical for every row; "
+        )
+        groups = [(None, doc["rows"])]
+    else:
+        intro = (
+            f"Training throughput of the recipes' models on `{cfg['device']}` ({cfg['precision']}), "
+            "synthetic data identical for every row of a case; "
+        )
+        groups = [(case, [r for r in doc["rows"] if r["case"] == case]) for case in doc["cases"]]
     out = [
-        f"Training throughput of the BERT recipe's model (`{cfg['model']}`, {cfg['num_labels']} labels) at "
-        f"batch {cfg['batch_size']} x {cfg['seq_len']} tokens, synthetic data identical for every row; "
-        f"{cfg['rounds']} interleaved rounds of {cfg['steps_per_round']} timed steps each. Ratio = samples/s "
-        "/ samples/s of the plain loop with torch fused AdamW (higher is faster).",
-        f"\nMeasured on: {_machine_line(doc)}.",
+        intro + f"{cfg['rounds']} interleaved rounds of {cfg['steps_per_round']} timed steps each. "
+        "Ratio = samples/s / samples/s of the plain loop with torch fused AdamW"
+        + (" of the same case" if "cases" in doc else "")
+        + " (higher is faster)"
+        + ("; range = min-max of the per-round paired ratios." if "cases" in doc else "."),
+        f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
-    body = []
-    for r in doc["rows"]:
-        if r["status"] != "ok":
-            body.append([r["label"], r["status"], "", ""])
-            continue
-        body.append(
-            [
-                r["label"],
-                f"**{_x(r['ratio'])}**" if "ratio" in r else "",
-                f"{_g(r['samples_per_s'])} ({_g(r['samples_per_s_min'])}-{_g(r['samples_per_s_max'])})",
-                _mib(r["state_bytes"]),
-            ]
-        )
-    out.append(_table(["loop, optimizer", "samples/s ratio", "samples/s (min-max)", "state MiB"], body))
-    png = plot_e2e(doc, plots / "e2e.png")
+    for case, rows in groups:
+        if case is not None:
+            c = doc["cases"][case]
+            ranks = f", {c['world']} processes (DDP, gloo)" if c["world"] > 1 else ""
+            out.append(
+                f"\n**{case}**: `{c['model']}` ({c['kind']}), batch {c['batch_size']} x {c['seq_len']} "
+                f"tokens{' per rank' if ranks else ''}{ranks}.\n"
+            )
+        body = []
+        for r in rows:
+            if r["status"] != "ok":
+                body.append([r["label"], r["status"], "", ""] + ([""] if case else []))
+                continue
+            ratio = [f"**{fmt_x(r['ratio'])}**" if "ratio" in r else ""]
+            if case is not None:
+                ratio.append(f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio_min" in r else "")
+            sps = (
+                f"{fmt_g(r['samples_per_s'])} "
+                f"({fmt_g(r['samples_per_s_min'])}-{fmt_g(r['samples_per_s_max'])})"
+            )
+            body.append([r["label"], *ratio, sps, fmt_mib(r["state_bytes"])])
+        header = ["loop, optimizer", "samples/s ratio"] + (["range"] if case else [])
+        out.append(_table([*header, "samples/s (min-max)", "state MiB"], body))
+    png = plot_e2e(doc, plots / f"e2e{suffix}.png")
     if png:
         out.append(f"\n![end-to-end samples/s]({png})")
     return "\n".join(out)
@@ -363,21 +347,84 @@ def plot_e2e(doc: dict, path: Path) -> str | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    ax.barh(
-        [r["label"] for r in rows],
-        [r["samples_per_s"] for r in rows],
-        xerr=[
+    if "cases" not in doc:
+        labels, title = [r["label"] for r in rows], f"End-to-end training, {doc['config']['model']}"
+        xs = [r["samples_per_s"] for r in rows]
+        err = [
             [r["samples_per_s"] - r["samples_per_s_min"] for r in rows],
             [r["samples_per_s_max"] - r["samples_per_s"] for r in rows],
-        ],
+        ]
+        xlabel = "samples/s (median, min-max over rounds)"
+    else:  # cases differ in samples/s by orders of magnitude: plot the ratios
+        rows = [r for r in rows if "ratio" in r]
+        if not rows:
+            return None
+        labels = [f"{r['case']}: {r['label']}" for r in rows]
+        title = f"End-to-end training, {doc['config']['device']}"
+        xs = [r["ratio"] for r in rows]
+        err = [[r["ratio"] - r["ratio_min"] for r in rows], [r["ratio_max"] - r["ratio"] for r in rows]]
+        xlabel = "samples/s / plain loop with torch fused AdamW (median, min-max of paired rounds)"
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    ax.barh(
+        labels,
+        xs,
+        xerr=err,
         color=["#1f77b4" if "shardwise" in r["name"] else "#7f7f7f" for r in rows],
     )
-    ax.set_xlabel("samples/s (median, min-max over rounds)")
-    ax.set_title(f"End-to-end training, {doc['config']['model']}", fontsize=10)
+    if "cases" in doc:
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
     ax.invert_yaxis()
     fig.tight_layout()
     return _save(fig, path, plt)
+
+
+# ---------------------------------------------------------------------------------------- gpu check
+def gpu_check_section(doc: dict, run: dict | None) -> str:
+    """bench/gpu_check.py (compiled fused path vs reference on the device) and gpu.sh's stages."""
+    tol = doc["tolerances"]
+    out = [
+        f"bench/gpu.sh checks correctness on `{doc['config']['device']}` before it times anything: "
+        f"the compiled fused backend vs the reference implementation, {doc['config']['steps']} steps "
+        "of fresh random gradients, and `AdamW(impl='fused')` vs `AdamW(impl='reference')` on "
+        f"mixed parameters. Pass: relative error <= {tol['rel_32bit']:g} (32-bit state), parameters "
+        f"<= {tol['rel_param_8bit']:g} and codes within 1 on >= {tol['codes_equal_8bit']:.1%} of "
+        "elements (8-bit). **"
+        + ("All passed" if doc["passed"] else "NOT all passed" if doc.get("complete", True) else "Incomplete")
+        + "**.",
+        f"\nMeasured on: {machine_line(doc)}.",
+        _quick_note(doc),
+    ]
+    body = []
+    for r in doc["rows"]:
+        rel = [v for k, v in r.items() if k.startswith("rel_") and isinstance(v, float)]
+        eq = [v for k, v in r.items() if k.endswith("codes_equal")]
+        body.append(
+            [
+                r["check"],
+                r["rule"],
+                f"{r['state_bits']}-bit",
+                r["status"],
+                f"{r['rel_param']:.1e}" if "rel_param" in r else "",
+                f"{max(rel):.1e}" if rel else "",
+                f"{min(eq):.4%}" if eq else "",
+            ]
+        )
+    out.append(
+        _table(
+            ["check", "rule", "state", "status", "param rel err", "max rel err", "codes equal (min)"], body
+        )
+    )
+    if run:
+        out += [
+            f"\ngpu.sh stages ({run['total_seconds']} s in all):\n",
+            _table(
+                ["stage", "status", "seconds", "limit s"],
+                [[s["stage"], s["status"], str(s["seconds"]), str(s["limit_s"])] for s in run["stages"]],
+            ),
+        ]
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------- zero
@@ -393,10 +440,10 @@ def zero_section(doc: dict) -> str:
         [
             str(r["world"]),
             r["variant"],
-            _x(r["mem_ratio"]),
-            _x(r["time_ratio"]),
-            _mib(r["state_bytes_per_rank_max"]),
-            _g(r["step_ms_median_slowest_rank"]),
+            fmt_x(r["mem_ratio"]),
+            fmt_x(r["time_ratio"]),
+            fmt_mib(r["state_bytes_per_rank_max"]),
+            fmt_g(r["step_ms_median_slowest_rank"]),
         ]
         for r in doc["rows"]
     ]
@@ -450,107 +497,18 @@ def quality_section(doc: dict, results: Path) -> str:
 
 # ----------------------------------------------------------------------------------------- headline
 def headline(docs: dict[str, dict | None]) -> str:
-    """The few ratios a README quotes, each with where it was measured."""
-    lines = []
-    step = docs.get("optim_step")
-    if step:
-        n = f"{step['config']['params'] / 1e6:.1f}M params, {step['config']['threads']} CPU threads"
-        fused32 = _ratio(step, "shardwise_fused_adam_32bit", "torch_fused")
-        fused8 = _ratio(step, "shardwise_fused_adam_8bit", "torch_fused")
-        if fused32:
-            lines.append(
-                f"- Optimizer step, fp32 state: shardwise fused AdamW takes **{_x(fused32)}** the time "
-                f"of torch's fused AdamW ({n})."
-            )
-        if fused8:
-            rest = []
-            for anchor, label in (
-                ("bnb_adamw8bit", "bitsandbytes AdamW8bit"),
-                ("torchao_adamw8bit", "torchao AdamW8bit"),
-            ):
-                r = _ratio(step, anchor, "shardwise_fused_adam_8bit")
-                if r and r >= 1:
-                    rest.append(
-                        f"**{r:.0f}x** faster than {label}" if r >= 10 else f"**{_x(r)}** faster than {label}"
-                    )
-                elif r:
-                    rest.append(f"**{_x(1 / r)}** slower than {label}")
-            bpp = _by_name(step)["shardwise_fused_adam_8bit"]["state_bytes_per_param"]
-            lines.append(
-                f"- 8-bit state ({bpp:.2f} B/param vs 8): **{_x(fused8)}** torch fused fp32 time"
-                + (", " + " and ".join(rest) if rest else "")
-                + "."
-            )
-        worst = []
-        for bits in (32, 8):
-            for r in _ok(step["rows"]):
-                if r["library"] == "shardwise" and r["impl"] == "fused" and r["state_bits"] == bits:
-                    base = _ratio(step, r["name"], f"shardwise_fused_adam_{bits}bit")
-                    if base:
-                        worst.append(base)
-        if worst:
-            lines.append(
-                f"- Every variant (AMSGrad, RAdam, AdaBelief; 32- and 8-bit): at most **{_x(max(worst))}** "
-                "the time of plain AdamW with the same state."
-            )
-    cuda = docs.get("optim_step_cuda")
-    if cuda:
-        gpu = cuda["machine"].get("gpu", "CUDA")
-        parts = []
-        for name, label in (
-            ("shardwise_fused_adam_32bit", "fused 32-bit"),
-            ("shardwise_fused_adam_8bit", "8-bit"),
-        ):
-            r = _ratio(cuda, name, "torch_fused")
-            if r:
-                parts.append(f"{label} **{_x(r)}**")
-        if parts:
-            lines.append(
-                f"- On {gpu}: shardwise AdamW step time vs torch fused AdamW: " + ", ".join(parts) + "."
-            )
-    mem = docs.get("memory")
-    if mem:
-        a = _by_name(mem).get("torch_adamw", {})
-        b = _by_name(mem).get("shardwise_8bit", {})
-        if a.get("status") == "ok" and b.get("status") == "ok":
-            lines.append(
-                f"- Peak training memory, {mem['config']['model']}: {_gib(b['peak_rss_bytes'])} GiB with "
-                f"shardwise 8-bit vs {_gib(a['peak_rss_bytes'])} GiB with torch AdamW "
-                f"(optimizer state {_mib(b['state_bytes'])} vs {_mib(a['state_bytes'])} MiB)."
-            )
-    e2e = docs.get("e2e")
-    if e2e:
-        rows = _by_name(e2e)
-        parts = [
-            f"{rows[n]['label']} **{_x(rows[n]['ratio'])}**"
-            for n in ("loop_shardwise_8bit", "loop_shardwise_32bit", "trainer_torch_fused")
-            if rows.get(n, {}).get("ratio")
-        ]
-        if parts:
-            lines.append(
-                f"- End-to-end samples/s, {e2e['config']['model']} (vs plain loop + torch fused AdamW): "
-                + "; ".join(parts)
-                + "."
-            )
-    zero = docs.get("zero")
-    if zero:
-        two = {r["variant"]: r for r in zero["rows"] if r["world"] == 2}
-        parts = [
-            f"{label} **{_x(two[v]['mem_ratio'])}**"
-            for v, label in (("shardwise_zero1", "32-bit"), ("shardwise_zero1_8bit", "8-bit"))
-            if v in two
-        ]
-        if parts:
-            lines.append(
-                "- ZeRO-1 on 2 ranks: optimizer state per rank vs unsharded fp32 AdamW: "
-                + ", ".join(parts)
-                + "."
-            )
+    """The few ratios a README quotes: each script declares its own lines (the JSON's ``headline``),
+    in the order of ``docs``; the first contributing result says where they were measured."""
+    lines, src = [], None
+    for doc in docs.values():
+        if doc and doc.get("headline"):
+            lines += doc["headline"]
+            if src is None and "machine" in doc:
+                src = doc
     if not lines:
         lines.append("- No results yet: run `bench/run_all.sh`.")
-    src = step or mem or e2e
     if src:
-        lines.append(f"\n<sub>Measured on {_machine_line(src)}. Details: BENCHMARKS.md.</sub>")
+        lines.append(f"\n<sub>Measured on {machine_line(src)}. Details: BENCHMARKS.md.</sub>")
     return "\n".join([HEADLINE_BEGIN, *lines, HEADLINE_END])
 
 
@@ -560,12 +518,16 @@ def render(results: Path, plots: Path | None = None) -> str:
     names = (
         "optim_step",
         "optim_step_cuda",
+        "optim_step_cuda_1b",
         "scaling",
         "scaling_cuda",
         "memory",
         "e2e",
+        "e2e_cuda",
         "zero",
         "quality_8bit",
+        "gpu_check",
+        "gpu_run",
     )
     docs = {n: _load(results, n) for n in names}
     quick = any((d or {}).get("config", {}).get("quick") for d in docs.values())
@@ -585,18 +547,26 @@ def render(results: Path, plots: Path | None = None) -> str:
     sections = [
         ("Optimizer step (CPU)", "optim_step", lambda d: optim_step_section(d, plots)),
         ("Optimizer step (CUDA)", "optim_step_cuda", lambda d: optim_step_section(d, plots, "_cuda")),
+        (
+            "Optimizer step (CUDA, ~1B params)",
+            "optim_step_cuda_1b",
+            lambda d: optim_step_section(d, plots, "_cuda_1b"),
+        ),
         ("Scaling with parameter count (CPU)", "scaling", lambda d: scaling_section(d, plots)),
         ("Scaling with parameter count (CUDA)", "scaling_cuda", lambda d: scaling_section(d, plots, "_cuda")),
         ("Training memory", "memory", lambda d: memory_section(d, plots)),
         ("End-to-end throughput", "e2e", lambda d: e2e_section(d, plots)),
+        ("End-to-end throughput (CUDA)", "e2e_cuda", lambda d: e2e_section(d, plots, "_cuda")),
         ("ZeRO-1 sharding", "zero", zero_section),
         ("8-bit state: training quality", "quality_8bit", lambda d: quality_section(d, results)),
+        ("GPU correctness check", "gpu_check", lambda d: gpu_check_section(d, docs["gpu_run"])),
     ]
     for title, name, fn in sections:
         parts += [f"## {title}", ""]
         doc = docs[name]
         if doc is None:
-            how = "`bash bench/gpu.sh` on a CUDA machine" if name.endswith("cuda") else f"`bench/{name}.py`"
+            gpu = "cuda" in name or name.startswith("gpu_")
+            how = "`bash bench/gpu.sh` on a CUDA machine" if gpu else f"`bench/{name}.py`"
             parts += [f"Not run: `{name}.json` is not in the results (run {how}).", ""]
         else:
             parts += [fn(doc), ""]
@@ -605,7 +575,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         "",
         "```",
         "bash bench/run_all.sh          # all CPU benchmarks at full size, then this report",
-        "bash bench/gpu.sh              # on a CUDA machine: the optimizer benchmarks on the GPU",
+        "bash bench/gpu.sh              # on a CUDA machine: correctness, optimizer step, bf16 step",
         "python bench/quality_8bit.py   # 32- vs 8-bit state on the demo fine-tune (separate: ~20 min)",
         "python bench/report.py         # regenerate BENCHMARKS.md and plots from bench/results/*.json",
         "```",

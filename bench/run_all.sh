@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: every CPU benchmark at full size, then BENCHMARKS.md and the plots from the JSON.
 #
-#   bash bench/run_all.sh                     # all (about 12-15 minutes on 2 cores; run it on a quiet machine)
+#   bash bench/run_all.sh                     # all (about 20 minutes on 2 cores; run it on a quiet machine)
 #   bash bench/run_all.sh optim_step report   # a subset, by script name
 #   QUICK=1 bash bench/run_all.sh             # smoke test of the whole pipeline (tiny sizes, a few minutes);
 #                                             # writes to $TMPDIR/shardwise-bench-quick, not bench/results
@@ -18,7 +18,7 @@ declare -A ARGS=(
   [optim_step]="--reps 5 --warmup 2"   # 16 x 1024x1024 fp32, 2 threads, every candidate interleaved
   [scaling]="--max 256"                # 1M..256M params, ~7 GB RAM at the top
   [memory]=""                          # SmolLM2-135M, 4 x 256 tokens, a fresh process per optimizer
-  [e2e]=""                             # MiniLM, 32 x 32 tokens, plain loop vs HF Trainer
+  [e2e]=""                             # MiniLM 32x32 (loop, HF Trainer), SmolLM2-135M 4x256, MiniLM on 2 DDP ranks
   [zero]=""                            # bench/zero.py: ZeRO-1 on 1 vs 2 gloo ranks
   [report]="--readme README.md"       # BENCHMARKS.md, plots, and the README headline block
 )

@@ -31,6 +31,7 @@ from common import (
     log,
     machine_facts,
     peak_rss_bytes,
+    rss_bytes,
     state_bytes,
     summarize,
     unavailable,
@@ -61,15 +62,6 @@ def _params(n: int, device: str) -> list[torch.nn.Parameter]:
     for p in ps:
         p.grad = (torch.rand_like(p) - 0.5) * 1e-2
     return ps
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        return peak_rss_bytes()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as e:
                 errors[name] = unavailable(e)
         times = interleaved({k: o.step for k, o in opts.items()}, args.reps, args.warmup, args.device)
-        rss = _rss()
+        rss = rss_bytes()
         gpu_peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
         for name, (label, bits) in CANDIDATES.items():
             row = {"name": name, "label": label, "state_bits": bits, "params": n}

@@ -20,16 +20,15 @@ compare ratios measured in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import fmt_x, free_port, state_bytes, write_json
 
 VARIANTS = ["torch_adamw", "torch_zero", "shardwise", "shardwise_zero1", "shardwise_zero1_8bit"]
 
@@ -58,16 +57,6 @@ def _make(variant: str, params: list[torch.nn.Parameter]):
     return AdamW(params, lr=1e-3, impl="auto", state_bits=bits, shard="zero1" in variant)
 
 
-def _state_bytes(opt) -> int:
-    inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its rank's optimizer here
-    total = 0
-    for s in inner.state.values():
-        for k, v in s.items():
-            if k != "step" and torch.is_tensor(v):
-                total += v.numel() * v.element_size()
-    return total
-
-
 def _worker(rank: int, world: int, port: int, args, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
@@ -90,7 +79,7 @@ def _worker(rank: int, world: int, port: int, args, out) -> None:
             if i >= args.warmup:
                 times.append(dt)
         times.sort()
-        mine = {"state_bytes": _state_bytes(opt), "step_ms": 1e3 * times[len(times) // 2]}
+        mine = {"state_bytes": state_bytes(opt), "step_ms": 1e3 * times[len(times) // 2]}
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
         results[variant] = {
@@ -105,16 +94,10 @@ def _worker(rank: int, world: int, port: int, args, out) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(world: int, args) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, out)) for r in range(world)]
     for p in procs:
         p.start()
@@ -122,6 +105,21 @@ def run(world: int, args) -> dict:
     for p in procs:
         p.join(timeout=60)
     return result
+
+
+def headline(doc: dict) -> list[str]:
+    """This result's line in the README headline (report.py prints it as it is)."""
+    two = {r["variant"]: r for r in doc["rows"] if r["world"] == 2}
+    parts = [
+        f"{label} **{fmt_x(two[v]['mem_ratio'])}**"
+        for v, label in (("shardwise_zero1", "32-bit"), ("shardwise_zero1_8bit", "8-bit"))
+        if v in two
+    ]
+    if not parts:
+        return []
+    return [
+        "- ZeRO-1 on 2 ranks: optimizer state per rank vs unsharded fp32 AdamW: " + ", ".join(parts) + "."
+    ]
 
 
 def main() -> None:
@@ -156,14 +154,9 @@ def main() -> None:
             f"{variant} on 2 ranks: max/min state per rank = "
             f"{r['state_bytes_per_rank_max'] / max(1, r['state_bytes_per_rank_min']):.3f} (1.0 = balanced)"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {"params": n_params, "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=2
-        )
-        + "\n"
-    )
-    print(f"wrote {args.out}")
+    payload = {"params": n_params, "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}
+    payload["headline"] = headline(payload)
+    write_json(args.out, payload)
 
 
 if __name__ == "__main__":

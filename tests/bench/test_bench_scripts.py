@@ -115,14 +115,21 @@ def test_memory_schema(results):
 
 @pytest.mark.slow
 def test_e2e_schema(results):
+    """Every case (MiniLM, SmolLM2-shaped, 2-process DDP) has its own baseline, ratios and spread."""
     doc = json.loads((results / "e2e.json").read_text())
     _check_machine(doc)
-    _check_rows(doc["rows"], ("samples_per_s", "samples_per_s_min", "samples_per_s_max", "ratio"))
-    assert {r["name"] for r in doc["rows"]} == {
-        "loop_shardwise_8bit",
-        "trainer_torch_fused",
-        "loop_torch_fused",
-    }
+    _check_rows(
+        doc["rows"], ("samples_per_s", "samples_per_s_min", "samples_per_s_max", "ratio", "ratio_min")
+    )
+    assert set(doc["cases"]) == {"minilm", "smollm2", "ddp"} and doc["cases"]["ddp"]["world"] == 2
+    names = {case: {r["name"] for r in doc["rows"] if r["case"] == case} for case in doc["cases"]}
+    assert names["minilm"] == {"loop_shardwise_8bit", "trainer_torch_fused", "loop_torch_fused"}
+    assert names["smollm2"] == names["ddp"] == {"loop_shardwise_8bit", "loop_torch_fused"}
+    for r in doc["rows"]:
+        assert r["status"] == "ok", r  # no anchor is optional here: all are torch or shardwise
+        if r["name"] == "loop_torch_fused":
+            assert r["ratio"] == 1.0
+    assert len(doc["headline"]) == 3
 
 
 @pytest.mark.slow
@@ -180,3 +187,38 @@ def test_state_bytes_counts_shared_storage_once():
         state={0: {"step": torch.tensor(3.0), "m": torch.zeros(10), "qmap": shared}, 1: {"qmap": shared}}
     )
     assert common.state_bytes(opt) == 10 * 4 + 256 * 4
+
+
+def test_state_bytes_measures_the_wrapped_optimizer():
+    import torch
+
+    common = _common()
+    p = torch.nn.Parameter(torch.zeros(6))
+    p.grad = torch.ones(6)
+    inner = torch.optim.AdamW([p])
+    inner.step()  # exp_avg + exp_avg_sq: 2 x 6 fp32
+    # torch's ZeroRedundancyOptimizer keeps its rank's optimizer in .optim
+    assert common.state_bytes(types.SimpleNamespace(optim=inner)) == 2 * 6 * 4
+
+
+def test_report_headline_is_what_each_json_declares(tmp_path):
+    """report.py knows no row names: each script writes its own headline lines into its JSON."""
+    doc = {
+        "machine": {"cpu_model": "test CPU", "logical_cpus": 2, "torch": "x", "date": "d", "git_sha": "s"},
+        "headline": ["- a line the script wrote"],
+        "rows": [],
+    }
+    (tmp_path / "zero.json").write_text(json.dumps({**doc, "params": 1, "rows": []}))
+    out = tmp_path / "BENCHMARKS.md"
+    _run("report.py", "--results", str(tmp_path), "--out", str(out))
+    text = out.read_text()
+    block = text[text.index("<!-- bench:headline -->") : text.index("<!-- /bench:headline -->")]
+    assert "- a line the script wrote" in block and "Measured on test CPU, 2 logical CPUs" in block
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = _common().free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
