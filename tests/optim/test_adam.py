@@ -220,6 +220,20 @@ def test_skip_nonfinite_leaves_params_and_state(impl):
         assert torch.equal(v, before[1]["state"][0][k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skip_nonfinite_is_exact_for_huge_finite_gradients(dtype):
+    """The check's fast 2-norm overflows on huge finite values: those steps must still be taken."""
+    big, small = torch.zeros(8, 8, dtype=dtype, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = AdamW([big, small], lr=0.1, skip_nonfinite=True)
+    big.grad = torch.full_like(big, 1e19)  # the sum of 64 squares overflows; Adam's own v does not
+    small.grad = torch.ones_like(small)
+    opt.step()
+    assert opt.skipped_steps == 0 and bool((big < 0).all())
+    small.grad[1] = float("-inf")  # one non-finite element in one tensor skips the whole step
+    opt.step()
+    assert opt.skipped_steps == 1
+
+
 def test_closure_and_zero_grad():
     p = torch.tensor([1.0, -2.0], requires_grad=True)
     opt = Adam([p], lr=0.1)

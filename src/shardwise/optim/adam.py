@@ -262,11 +262,7 @@ class _AdamFamily(torch.optim.Optimizer):
         """True when every gradient is finite, agreed across ranks when state is partitioned."""
         locals_ = [self._partition.local(p) for p in self._all_params() if p.grad is not None]
         grads = [local[1] for local in locals_ if local is not None]
-        finite = torch.ones((), dtype=torch.bool)
-        if grads:
-            norms = torch._foreach_norm(grads, ord=float("inf"))
-            finite = torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all()
-        return self._partition.all_agree(bool(finite))
+        return self._partition.all_agree(_all_finite(grads))
 
     # ----------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
@@ -566,6 +562,22 @@ def _refuse_single_rank_trainer_save() -> None:
 
 
 _warned: set[str] = set()
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """True when every element of ``tensors`` is finite, with one host sync per device.
+
+    The 2-norm is one vectorized multi-tensor pass (the inf-norm falls to a per-tensor path on CPU
+    that is ~25x slower: it cost more than the update itself in real models), and it is non-finite
+    whenever an element is. The converse can fail only when squares of huge finite values overflow,
+    so a non-finite norm is confirmed element-wise before a step is skipped.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for norm in torch._foreach_norm(tensors, 2):
+        by_device.setdefault(norm.device, []).append(norm.float())
+    if all(bool(torch.isfinite(torch.stack(norms).sum())) for norms in by_device.values()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _warn_once(message: str) -> None:
