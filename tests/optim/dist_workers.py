@@ -568,13 +568,13 @@ def deepspeed_groups_and_shard(rank: int, world: int, tmp: str) -> None:
     accelerator.free_memory()
 
 
-def _ds8_model():
-    # 16640 + 4352 = 20992 elements = 41 * 512: DeepSpeed's 2-rank partitions (10496 each) start on
-    # a multiple of 256, so every 8-bit block lies within one rank (see docs/sharding.md).
+def _ds8_model(aligned: bool = True):
+    # Aligned: 16640 + 4352 = 20992 elements = 41 * 512, so DeepSpeed's 2-rank partitions (10496
+    # each) start on a multiple of 256 and every 8-bit block lies within one rank. Not aligned:
+    # 16640 + 4112 = 20752, partitions of 10376 = 40 * 256 + 136: block 40 straddles the ranks.
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 17, bias=False)
-    )
+    head = torch.nn.Linear(256, 17, bias=False) if aligned else torch.nn.Linear(256, 16)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), head)
 
 
 def deepspeed_8bit(rank: int, world: int, tmp: str) -> None:
@@ -590,15 +590,18 @@ def deepspeed_8bit(rank: int, world: int, tmp: str) -> None:
     def steps(accelerator, engine, opt, rng):
         for i in rng:
             rows = slice((i % 8) * 4, (i % 8) * 4 + 4)  # the same rows on every rank
-            accelerator.backward((engine(data[rows]) - target[rows]).square().mean())
+            out = engine(data[rows])
+            accelerator.backward((out - target[rows, : out.shape[1]]).square().mean())
             opt.step()
             opt.zero_grad()
 
-    for bits in (8, 32):
+    for bits in (8, 32, "8u"):
         accelerator = _ds_accelerator(_ds_config(2))
-        model = _ds8_model()
-        engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=bits))
-        steps(accelerator, engine, opt, range(6))
+        model = _ds8_model(aligned=bits != "8u")
+        state_bits = 32 if bits == 32 else 8
+        engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=state_bits))
+        # Not aligned: one step (later steps differ everywhere, through the forward pass).
+        steps(accelerator, engine, opt, range(1 if bits == "8u" else 6))
         base = opt.optimizer.optimizer if hasattr(opt.optimizer, "optimizer") else opt.optimizer
         assert isinstance(base, AdamW), type(base)
         state = {k: v.clone() for k, v in base.state_dict()["state"][0].items()}

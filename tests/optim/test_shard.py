@@ -230,3 +230,23 @@ def test_deepspeed_zero2_8bit_state_same_on_1_and_2_ranks(tmp_path):
         assert r["state"]["exp_avg"].dtype == torch.int8
         assert r["state_bytes"] <= 0.13 * 8 * n_params, (r["state_bytes"], n_params)
     w.assert_params_equal(two[0]["weights"], load(32, 2, 0)["weights"], atol=5e-3)
+
+    # Partitions not on a multiple of 256 (10376 = 40 * 256 + 136 elements): block 40 straddles the
+    # two ranks, each keeping its own scale (the absmax of its part); after one step every other
+    # block is the 1-rank one. (Later steps differ everywhere: block 40's weights differ a little,
+    # and through the forward pass so do all gradients.)
+    one, two = load("8u", 1, 0), [load("8u", 2, r) for r in range(2)]
+    lo, hi = 40 * 256, 41 * 256  # the straddling block, in DeepSpeed's flat buffer
+    for key in ("exp_avg", "exp_avg_sq"):
+        codes = torch.cat([r["state"][key] for r in two])
+        assert torch.equal(codes[:lo], one["state"][key][:lo]) and torch.equal(
+            codes[hi:], one["state"][key][hi:]
+        )
+        s0, s1, s = (r["state"][f"{key}_absmax"] for r in (*two, one))
+        assert s0.shape == (41,) and s1.shape == (42,) and s.shape == (82,)
+        assert torch.equal(s0[:40], s[:40]) and torch.equal(s1[1:], s[41:])
+        assert torch.equal(torch.maximum(s0[40], s1[0]), s[40])  # the parts' scales, the whole's max
+    w0_two, w0_one = two[0]["weights"][0].reshape(-1), one["weights"][0].reshape(-1)  # holds block 40
+    assert torch.equal(w0_two[:lo], w0_one[:lo]) and torch.equal(w0_two[hi:], w0_one[hi:])
+    torch.testing.assert_close(w0_two[lo:hi], w0_one[lo:hi], rtol=0, atol=5e-3)
+    w.assert_params_equal(two[0]["weights"][1:], one["weights"][1:])

@@ -11,11 +11,13 @@ for; the update rule never knows about ranks. Two cases exist:
   parameters.
 
 The ZeRO-1 layout is FSDP2's: every parameter is split along dim 0 with ``torch.chunk`` semantics
-(rank ``r`` owns rows ``[r * c, min((r + 1) * c, d0))`` with ``c = ceil(d0 / world)``; a 1-D
-parameter's rows are its elements). Splitting rows, never elements of a row, keeps the 8-bit blocks
-of :mod:`shardwise.optim.quant` whole, so a rank's codes and scales are exactly the rows of the full
-ones; a parameter with fewer rows than ranks leaves the last ranks without a piece. The per-rank
-maximum is ``ceil(d0 / world)`` rows of every parameter, the same as any balanced row split.
+(rank ``r`` owns rows ``[r * c, min((r + 1) * c, d0))`` with ``c = ceil(d0 / world)``), except
+that a 1-D parameter of at least ``quant.MIN_NUMEL`` elements is split in whole 256-element
+blocks. Splitting rows, never elements of a row, and long vectors at block boundaries, keeps the
+8-bit blocks of :mod:`shardwise.optim.quant` whole, so a rank's codes and scales are exactly the
+rows of the full ones; a parameter with fewer rows (blocks) than ranks leaves the last ranks
+without a piece. The per-rank maximum is ``ceil(d0 / world)`` rows of every parameter, the same
+as any balanced row split.
 """
 
 from __future__ import annotations
@@ -252,10 +254,10 @@ class ZeroPartition:
     # ------------------------------------------------------------------ layout
     def bounds(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
         """Rows of ``p`` that ``rank`` (default: this rank) owns; a 0-d ``p`` is one row. A 1-D
-        ``p`` is split in whole 256-element blocks, so that flat 8-bit state (:mod:`.quant`)
-        splits with it."""
+        ``p`` large enough for 8-bit state is split in whole 256-element blocks, so that flat
+        8-bit state (:mod:`.quant`) splits with it; shorter vectors by elements (balance)."""
         rank = self.rank if rank is None else rank
-        if p.ndim == 1:
+        if p.ndim == 1 and p.shape[0] >= quant.MIN_NUMEL:
             start, stop = chunk_bounds(-(-p.shape[0] // quant.BLOCK), self.world, rank)
             return min(start * quant.BLOCK, p.shape[0]), min(stop * quant.BLOCK, p.shape[0])
         return chunk_bounds(p.shape[0] if p.ndim else 1, self.world, rank)
