@@ -183,7 +183,7 @@ def test_accelerate_ddp_save_load_state(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_via_accelerate(tmp_path, stage):
     pytest.importorskip("deepspeed")
     run_workers(w.deepspeed_zero, str(tmp_path), stage, timeout=480)

@@ -184,7 +184,11 @@ class ZeroPartition:
                     "the parameters; drop shard=True"
                 )
             if hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3 (zero.Init) placeholders
-                raise ValueError(_UNDER_DEEPSPEED)
+                raise ValueError(
+                    "shard=True with DeepSpeed ZeRO-3 parameters (zero.Init): DeepSpeed partitions the "
+                    "optimizer state over the ranks already, and partitioning it again would corrupt "
+                    "training. Drop shard=True (docs/sharding.md: which engine for which case)."
+                )
         #: Shapes of the parameters this partition was built for (see :meth:`before_step`).
         self.shapes = [tuple(p.shape) for p in params]
         self.checked = False
@@ -453,10 +457,12 @@ class ZeroPartition:
 
 
 _UNDER_DEEPSPEED = (
-    "shard=True under DeepSpeed ZeRO: DeepSpeed already partitions the optimizer state over the ranks "
-    "(it replaced this optimizer's parameters with its own flat partitions), and partitioning them "
-    "again would corrupt training. Drop shard=True: DeepSpeed ZeRO-1/2/3 is ZeRO-sharded already "
-    "(docs/sharding.md: which engine for which case)."
+    "shard=True under DeepSpeed ZeRO: this optimizer's parameters are not the ones it was built with "
+    "(DeepSpeed replaces them with its own flat partitions, because it partitions the optimizer state "
+    "over the ranks already); partitioning them again would corrupt training. Drop shard=True: "
+    "DeepSpeed ZeRO-1/2/3 is ZeRO-sharded already (docs/sharding.md: which engine for which case). "
+    "Without DeepSpeed: build the optimizer after any change to the parameters' shapes (e.g. "
+    "resize_token_embeddings)."
 )
 
 
