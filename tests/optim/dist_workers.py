@@ -20,8 +20,9 @@ from .._dist import init_gloo
 
 # Shapes chosen to hit every layout case on 2 ranks: odd rows (uneven split), 1-D, one row (the
 # second rank owns nothing), a 0-d scalar, 8-bit sized matrices (>= 4096
-# elements, rows not a multiple of 256) and small 2-D ones that keep 32-bit state.
-SHAPES = [(5, 300), (7,), (1, 5000), (3, 4096), (64, 64), (), (9, 3), (33, 130)]
+# elements, rows not a multiple of 256), small 2-D ones that keep 32-bit state and a flat 8-bit
+# one (1-D, split in whole 256-element blocks, ragged last block).
+SHAPES = [(5, 300), (7,), (1, 5000), (3, 4096), (64, 64), (), (9, 3), (33, 130), (5000,)]
 
 
 def make_params(dtype=torch.float64, shapes=SHAPES) -> list[torch.nn.Parameter]:
@@ -93,7 +94,7 @@ def zero1(rank: int, world: int, tmp: str) -> None:
 
     # State bytes per rank: 1/world of the unsharded optimizer's, for shapes that split evenly.
     for bits in (32, 8):
-        shapes = [(64, 512), (128, 256), (256,), (32, 1024)]
+        shapes = [(64, 512), (128, 256), (512,), (32, 1024), (8192,)]  # 1-D: split in whole blocks
         ref, sh = make_params(torch.float32, shapes), make_params(torch.float32, shapes)
         o_ref = AdamW(ref, impl="foreach", state_bits=bits)
         o_sh = AdamW(sh, impl="foreach", state_bits=bits, shard=True)
@@ -383,13 +384,17 @@ def deepspeed_zero(rank: int, world: int, tmp: str, stage: int) -> None:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             got = [p.detach().clone() for p in engine.module.parameters()]
         # 32-bit: the same optimizer on the same averaged gradients. 8-bit: DeepSpeed hands the
-        # optimizer 1-D flat partitions, which keep 32-bit state by the contract (ndim < 2), while
-        # the reference quantizes its 2-D weights: close, not equal.
+        # optimizer 1-D flat partitions, quantized in blocks of the flat buffer, while the reference
+        # quantizes its 2-D weight per row: close, not equal.
         assert_params_equal(got, list(ref.parameters()), atol=1e-6 if bits == 32 else 5e-3)
         # DeepSpeed hands the optimizer flat fp32 partitions: ZeRO shards the state (1/world each).
         base = opt.optimizer.optimizer if hasattr(opt.optimizer, "optimizer") else opt.optimizer
         assert isinstance(base, AdamW), type(base)
         assert base.state_bytes() <= 8 * n_params / world + 64, (base.state_bytes(), n_params)
+        if bits == 8:  # the flat buffer (4740 elements) is above the threshold: codes, ~0.13x fp32
+            for s in base.state.values():
+                assert s["exp_avg"].dtype == torch.int8 and s["exp_avg_sq"].dtype == torch.uint8
+            assert base.state_bytes() <= 0.13 * 8 * n_params, (base.state_bytes(), n_params)
         accelerator.free_memory()
 
 
@@ -463,3 +468,150 @@ def hf_trainer_shard(rank: int, world: int, tmp: str) -> None:
 def hf_trainer_shard_no_callback(rank: int, world: int, tmp: str) -> None:
     """Without the callback, the rank-0-only save fails at once with the fix in the message."""
     _trainer(tmp, "nocb", callback=False, max_steps=3).train()
+
+
+def _ds_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # accelerate would default to 1.0
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+
+
+def _ds_accelerator(config: dict, **plugin_kwargs):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config, **plugin_kwargs),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+    )
+
+
+def _ds_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 128), torch.nn.LayerNorm(128), torch.nn.Tanh(), torch.nn.Linear(128, 4)
+    )
+
+
+def _ds_train(accelerator, engine, opt, steps: int, rank: int) -> None:
+    data = torch.randn(64, 32, generator=torch.Generator().manual_seed(4))
+    target = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    for i in range(steps):
+        mine = slice((i % 8) * 8 + rank * 4, (i % 8) * 8 + rank * 4 + 4)
+        accelerator.backward((engine(data[mine]) - target[mine]).square().mean())
+        opt.step()
+        opt.zero_grad()
+
+
+def deepspeed_groups_and_shard(rank: int, world: int, tmp: str) -> None:
+    """Issue 19's bugs under DeepSpeed: (a) ZeRO-3 with zero.Init (accelerate's zero3_init_flag)
+    builds the same decay / no-decay groups as ZeRO-2 and trains to the same weights; (b)
+    shard=True under DeepSpeed is refused at the first step."""
+    import deepspeed
+
+    from shardwise.optim import param_groups
+
+    results = {}
+    for stage in (2, 3):
+        config = _ds_config(stage)
+        accelerator = _ds_accelerator(config, zero3_init_flag=stage == 3)
+        if stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=config):
+                model = _ds_model()
+            assert all(p.numel() == 0 and hasattr(p, "ds_shape") for p in model.parameters())
+        else:
+            model = _ds_model()
+        groups = param_groups(model, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        summary = [(g["weight_decay"], sorted(names[id(p)] for p in g["params"])) for g in groups]
+        opt = AdamW(groups, lr=1e-2, impl="foreach")
+        engine, opt = accelerator.prepare(model, opt)
+        _ds_train(accelerator, engine, opt, 6, rank)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            weights = [p.detach().clone() for p in engine.module.parameters()]
+        results[stage] = summary, weights
+        accelerator.free_memory()
+    assert results[3][0] == results[2][0], results
+    no_decay = ["0.bias", "1.bias", "1.weight", "3.bias"]
+    assert results[2][0] == [(0.1, ["0.weight", "3.weight"]), (0.0, no_decay)], results[2][0]
+    assert_params_equal(results[3][1], results[2][1], atol=1e-6)
+
+    # shard=True under DeepSpeed ZeRO-2: state would be partitioned twice; refused, naming the fix.
+    accelerator = _ds_accelerator(_ds_config(2))
+    model = _ds_model()
+    engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, shard=True))
+    try:
+        _ds_train(accelerator, engine, opt, 1, rank)
+    except RuntimeError as e:
+        assert "Drop shard=True" in str(e), e
+    else:
+        raise AssertionError("shard=True under DeepSpeed was not refused")
+    accelerator.free_memory()
+
+
+def _ds8_model(aligned: bool = True):
+    # Aligned: 16640 + 4352 = 20992 elements = 41 * 512, so DeepSpeed's 2-rank partitions (10496
+    # each) start on a multiple of 256 and every 8-bit block lies within one rank. Not aligned:
+    # 16640 + 4112 = 20752, partitions of 10376 = 40 * 256 + 136: block 40 straddles the ranks.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(256, 17, bias=False) if aligned else torch.nn.Linear(256, 16)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), head)
+
+
+def deepspeed_8bit(rank: int, world: int, tmp: str) -> None:
+    """DeepSpeed ZeRO-2 with 8-bit state on DeepSpeed's flat partitions: every rank sees the same
+    data, so gradients are bitwise those of one rank and the state must be too. Writes, per bits
+    and rank, the partition's state and the trained weights; on 2 ranks also saves and resumes
+    through Accelerator.save_state / load_state."""
+    import deepspeed
+
+    data = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    target = torch.randn(32, 17, generator=torch.Generator().manual_seed(3))
+
+    def steps(accelerator, engine, opt, rng):
+        for i in rng:
+            rows = slice((i % 8) * 4, (i % 8) * 4 + 4)  # the same rows on every rank
+            out = engine(data[rows])
+            accelerator.backward((out - target[rows, : out.shape[1]]).square().mean())
+            opt.step()
+            opt.zero_grad()
+
+    for bits in (8, 32, "8u"):
+        accelerator = _ds_accelerator(_ds_config(2))
+        model = _ds8_model(aligned=bits != "8u")
+        state_bits = 32 if bits == 32 else 8
+        engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=state_bits))
+        # Not aligned: one step (later steps differ everywhere, through the forward pass).
+        steps(accelerator, engine, opt, range(1 if bits == "8u" else 6))
+        base = opt.optimizer.optimizer if hasattr(opt.optimizer, "optimizer") else opt.optimizer
+        assert isinstance(base, AdamW), type(base)
+        state = {k: v.clone() for k, v in base.state_dict()["state"][0].items()}
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            weights = [p.detach().clone() for p in engine.module.parameters()]
+        torch.save(
+            {"state": state, "weights": weights, "state_bytes": base.state_bytes()},
+            os.path.join(tmp, f"ds{bits}_w{world}_r{rank}.pt"),
+        )
+        if bits == 8 and world > 1:  # exact save / resume through accelerate
+            out = os.path.join(tmp, "ds8_ckpt")
+            accelerator.save_state(out)
+            steps(accelerator, engine, opt, range(6, 9))
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                expected = [p.detach().clone() for p in engine.module.parameters()]
+            accelerator.free_memory()
+            accelerator = _ds_accelerator(_ds_config(2))
+            model = _ds8_model()
+            engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=8))
+            accelerator.load_state(out)
+            steps(accelerator, engine, opt, range(6, 9))
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                assert_params_equal(list(engine.module.parameters()), expected)
+        accelerator.free_memory()

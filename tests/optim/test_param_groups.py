@@ -67,3 +67,16 @@ def test_no_weight_decay_hook_and_frozen_params():
 def test_empty_groups_dropped():
     groups = param_groups(torch.nn.LayerNorm(4), 0.1)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+
+
+def test_deepspeed_zero3_placeholders_sorted_by_ds_shape():
+    """Under ZeRO-3's zero.Init every parameter is an empty 1-D placeholder; DeepSpeed keeps the
+    real shape in ``ds_shape``: the groups must be the ones the real shapes give."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    expected = [[_names(model, g)] for g in param_groups(model, 0.1)]
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)  # what zero.Init leaves on every rank
+    got = param_groups(model, 0.1)
+    assert [[_names(model, g)] for g in got] == expected
+    assert _names(model, got[0]) == {"0.weight", "2.weight"}

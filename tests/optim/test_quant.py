@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -105,15 +106,41 @@ def test_state_bytes_per_parameter():
     assert full.state_bytes() / p.numel() == 8
 
 
-def test_small_and_1d_params_keep_32bit_state():
-    big, small, vec = torch.zeros(64, 64), torch.zeros(63, 64), torch.zeros(8192)
-    opt = AdamW([big, small, vec], state_bits=8)
-    for p in (big, small, vec):
+def test_small_params_keep_32bit_state_flat_ones_get_flat_blocks():
+    big, small, vec, tiny = torch.zeros(64, 64), torch.zeros(63, 64), torch.zeros(8200), torch.zeros(4095)
+    opt = AdamW([big, small, vec, tiny], state_bits=8)
+    for p in (big, small, vec, tiny):
         p.grad = torch.ones_like(p)
     opt.step()
     assert opt.state[big]["exp_avg"].dtype == torch.int8 and opt.state[big]["exp_avg_sq"].dtype == torch.uint8
     assert opt.state[small]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[small]
-    assert opt.state[vec]["exp_avg"].dtype == torch.float32
+    assert opt.state[tiny]["exp_avg"].dtype == torch.float32
+    # A flat (1-D) parameter of >= 4096 elements: one row of 256-element blocks, ragged last one.
+    s = opt.state[vec]
+    assert s["exp_avg"].dtype == torch.int8 and s["exp_avg"].shape == (8200,)
+    assert s["exp_avg_absmax"].shape == (33,) and s["exp_avg_sq_absmax"].shape == (33,)
+
+
+@pytest.mark.parametrize("phase", [0, 1, 100, 255])
+@pytest.mark.parametrize("n", [1, 200, 256, 4097, 5000])
+def test_flat_layout_blocks_follow_the_global_offset(n, phase):
+    """A flat piece starting at global offset ``phase`` (mod 256): its blocks are the global blocks
+    it touches, so its codes and scales equal the matching slice of a piece starting at 0."""
+    cuts = quant.flat_cuts(n, phase)
+    assert cuts[0][0] == 0 and cuts[-1][1] == n
+    assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(cuts, cuts[1:]))
+    assert quant.scales_shape((n,), phase) == (cuts[-1][3],)
+    assert quant.scales_shape((n,), phase)[0] == len({(phase + i) // 256 for i in range(n)})
+    g = torch.Generator().manual_seed(n + phase)
+    whole = torch.randn(phase + n, generator=g)
+    codes, scales = quant.encode_flat(whole, signed=True)
+    part_codes, part_scales = quant.encode_flat(whole[phase:], signed=True, phase=phase)
+    if phase == 0 or n >= 256 - phase:  # the head block lies inside the piece
+        first = phase // 256
+        torch.testing.assert_close(part_codes[cuts[0][1] :], codes[phase + cuts[0][1] :])
+        torch.testing.assert_close(part_scales[1 if phase else 0 :], scales[first + (1 if phase else 0) :])
+    back = quant.decode_flat(part_codes, part_scales, signed=True, dtype=torch.float32, phase=phase)
+    torch.testing.assert_close(back, whole[phase:], rtol=0, atol=float(part_scales.max()) / 120)
 
 
 # ----------------------------------------------------------------------------- training quality
@@ -277,13 +304,22 @@ def test_fused_8bit_handles_bf16_params():
 
 
 def test_8bit_request_that_changes_nothing_warns():
-    # DeepSpeed hands the optimizer flat 1-D partitions: 8-bit must not silently mean 32-bit.
+    # Every parameter below the small-tensor threshold: 8-bit must not silently mean 32-bit.
+    small = [torch.zeros(4095), torch.zeros(63, 64)]
+    opt = AdamW(small, state_bits=8)
+    for p in small:
+        p.grad = torch.ones_like(p)
+    with pytest.warns(UserWarning, match="state_bits=8 has no effect"):
+        opt.step()
+    assert opt.state[small[0]]["exp_avg"].dtype == torch.float32
+    # DeepSpeed's flat partitions above the threshold: 8-bit, nothing to warn about.
     flat = torch.zeros(100_000)
     opt = AdamW([flat], state_bits=8)
     flat.grad = torch.ones_like(flat)
-    with pytest.warns(UserWarning, match="state_bits=8 has no effect"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         opt.step()
-    assert opt.state[flat]["exp_avg"].dtype == torch.float32
+    assert opt.state[flat]["exp_avg"].dtype == torch.int8
 
 
 # The fused kernel has AVX-512, AVX2 and portable encoders; this machine builds one of them. Build

@@ -104,6 +104,8 @@ class _AdamFamily(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if "_partition" in self.__dict__:  # a group added after construction
+            self._partition.register(group["params"])
         group["betas"] = _torch_checks(group["lr"], group["betas"], foreach=None, fused=None)
         _validate(**{k: group[k] for k in ("lr", "betas", "eps", "weight_decay", "variant", "amsgrad")})
 
@@ -167,6 +169,7 @@ class _AdamFamily(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._prepared_state_dict = None
+        self._partition.notice(self._all_params())
         # Set by torch.amp.GradScaler when _step_supports_amp_scaling (impl="fused"): the
         # gradients are still scaled; skip the step if any was inf/nan, else unscale on the fly.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
@@ -206,9 +209,9 @@ class _AdamFamily(torch.optim.Optimizer):
         """state_bits=8 must never silently mean 32-bit: say so when no parameter qualifies."""
         if self.state and not any(quant.StateFormat.of(s).eight_bit for s in self.state.values()):
             _warn_once(
-                "shardwise: state_bits=8 has no effect: every parameter is 1-D or has fewer than "
-                f"{quant.MIN_NUMEL} elements, so all optimizer state stays 32-bit (DeepSpeed ZeRO hands "
-                "the optimizer flat 1-D partitions; for sharded 8-bit state use shard=True or FSDP2)"
+                "shardwise: state_bits=8 has no effect: every parameter has fewer than "
+                f"{quant.MIN_NUMEL} elements (or is a 1-D FSDP2 shard), so all optimizer state stays "
+                "32-bit"
             )
 
     def _buckets(self, group: dict[str, Any]) -> dict[_BucketKey, Bucket]:
@@ -242,20 +245,19 @@ class _AdamFamily(torch.optim.Optimizer):
             if key not in buckets:
                 buckets[key] = Bucket.empty(amsgrad=group["amsgrad"], quantized=fmt.eight_bit)
             values, scales = fmt.stored(state, _moments(group))
-            buckets[key].add(
-                param,
-                grad,
-                [_real(sharding.local_tensor(t)) for t in values],
-                None if scales is None else [sharding.local_tensor(t) for t in scales],
-            )
+            values = [_real(sharding.local_tensor(t)) for t in values]
+            scales = None if scales is None else [sharding.local_tensor(t) for t in scales]
+            for view in quant.kernel_views(param, grad, values, scales, self._partition.phase(p)):
+                buckets[key].add(*view)
         return buckets
 
     def _init_state(self, p: Tensor, local: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # Like torch.optim: the step counter is a CPU scalar tensor (so state dicts interchange).
         state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-        fmt = quant.StateFormat.choose(self.state_bits, p)  # the global parameter, never the shard
+        fmt = self._format(p)  # the global parameter, never the shard
+        phase = self._partition.phase(p)
         for moment in _moments(group):
-            for key, t in fmt.zeros(moment, local).items():
+            for key, t in fmt.zeros(moment, local, phase).items():
                 state[key] = self._partition.wrap_state(p, t)
 
     def _grads_finite(self) -> bool:
@@ -294,6 +296,7 @@ class _AdamFamily(torch.optim.Optimizer):
         8-bit storage as this optimizer's ``state_bits`` asks; with ``shard=True`` keeps this rank's
         part only."""
         self._prepared_state_dict = None
+        self._partition.notice(self._all_params())
         split = {pid: quant.split_codec_entries(s) for pid, s in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": {pid: rest for pid, (_, rest) in split.items()}})
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -308,7 +311,13 @@ class _AdamFamily(torch.optim.Optimizer):
 
     def convert_state(self, p: Tensor, state: dict[str, Any]) -> None:
         """Re-encode ``p``'s loaded ``state`` to this optimizer's storage (32-bit <-> 8-bit)."""
-        quant.StateFormat.choose(self.state_bits, p).convert(state, p.dtype)
+        self._format(p).convert(state, p.dtype, self._partition.phase(p))
+
+    def _format(self, p: Tensor) -> quant.StateFormat:
+        # FSDP2 cuts 1-D parameters at any element: their state stays 32-bit (blocks would straddle).
+        return quant.StateFormat.choose(
+            self.state_bits, p, flat_ok=not sharding.is_dtensor(p), shape=self._partition.global_shape(p)
+        )
 
     @property
     def partition(self) -> sharding.Replicated | sharding.ZeroPartition:

@@ -59,18 +59,27 @@ def sharded_state_dict(optimizer) -> dict[str, Any]:
     """This rank's part of ``optimizer``'s state, as a DCP-ready dict (no communication).
 
     ZeRO-1 pieces become DTensor ``Shard(0)`` views of the full state; FSDP2 state already is
-    DTensor; unsharded state is plain (DCP treats it as replicated and writes it once).
+    DTensor; unsharded state is plain (DCP treats it as replicated and writes it once). ZeRO-1
+    splits 1-D parameters in whole 256-element blocks, which DTensor's ``Shard(0)`` (torch.chunk
+    offsets) cannot describe: their state is gathered (a collective, 1-D state being small) and
+    written as plain full tensors.
     """
     partition = optimizer.partition
     mesh = _mesh(partition) if isinstance(partition, ZeroPartition) else None
+    params = _params(optimizer)
+    flat: dict[Any, dict[str, Any]] = {}
+    if mesh is not None:
+        ids = [pid for pid, p in enumerate(params) if p.ndim == 1]
+        local = {pid: optimizer.state[params[pid]] for pid in ids if optimizer.state.get(params[pid])}
+        flat = partition.full_state_dict({"state": local, "param_groups": [{"params": ids}]})["state"]
     state: dict[str, dict[str, Any]] = {}
-    for pid, p in enumerate(_params(optimizer)):
-        s = optimizer.state.get(p)
+    for pid, p in enumerate(params):
+        s = flat.get(pid) if mesh is not None and p.ndim == 1 else optimizer.state.get(p)
         if not s:
             continue
         entry = {}
         for key, value in s.items():
-            if mesh is not None and key != "step" and p.ndim > 0:
+            if mesh is not None and key != "step" and p.ndim > 1:
                 value = _shard0(value, p.shape[0], mesh)
             entry[key] = value
         state[str(pid)] = entry
@@ -112,7 +121,7 @@ def load_sharded(optimizer, checkpoint_id: str | os.PathLike, **dcp_kwargs: Any)
             start, stop = partition.bounds(p)
             if stop <= start:
                 continue  # this rank owns no rows of p
-            if p.ndim == 0:
+            if p.ndim <= 1:  # 0-d, or 1-D written full (sharded_state_dict): cut below
                 target = torch.zeros(size, dtype=dtype, device=p.device)
             else:
                 local = torch.zeros((stop - start, *size[1:]), dtype=dtype, device=p.device)
@@ -146,6 +155,8 @@ def load_sharded(optimizer, checkpoint_id: str | os.PathLike, **dcp_kwargs: Any)
         if "step" in state and len(state) == 1:
             continue  # this rank owns no rows of p
         optimizer.convert_state(p, state)  # 32-bit <-> 8-bit, row-local
+        if mesh is not None and p.ndim == 1:
+            partition.keep_local(p, state)
         if is_dtensor(p):
             wrap = Replicated().wrap_state
             state = {k: v if k == "step" or v.ndim == 0 else wrap(p, v) for k, v in state.items()}

@@ -29,9 +29,20 @@ table search. Rounding is to nearest (ties to even), so the
 maximum round-trip error of a block is half a code step: at most ``a * 127/127^2 = a/127`` for the
 first moment (at the top of the range) and ``a * (1 - (254.5/255)^4) ~ a/128`` for the second.
 
-Parameters with fewer than ``MIN_NUMEL = 4096`` elements (biases, norms, small heads) and 1-D
-parameters keep full-precision state: they are a negligible share of memory and the most sensitive
-to quantization. The choice uses the global (unsharded) shape, never a local shard.
+Flat (1-D) state
+----------------
+A 1-D tensor of ``n`` elements is one row whose blocks are aligned to its *global flat offset*
+``o``: block ``k`` holds the elements whose offset is in ``[256 k, 256 (k + 1))``. Its codes have
+shape ``(n,)`` and its scales ``(blocks touched,)``; the *phase* ``o % 256`` is 0 for a whole
+parameter and for ZeRO-1 pieces (:mod:`shardwise.optim.shard` splits 1-D parameters at multiples
+of 256), so a piece's codes and scales are slices of the whole parameter's. A DeepSpeed flat
+partition starts at ``rank * partition_size`` of DeepSpeed's flat buffer: its first block is the
+partial block that the previous rank's partition ends with (:func:`flat_cuts`). The kernels see
+each aligned run of blocks as a ``(1, length)`` row (:func:`kernel_views`).
+
+Parameters with fewer than ``MIN_NUMEL = 4096`` elements (biases, norms, small heads) keep
+full-precision state: they are a negligible share of memory and the most sensitive to
+quantization. The choice uses the global (unsharded) size, never a local shard.
 
 This module is the torch-ops codec: the spec, used by the reference and foreach implementations and
 by state-dict conversion. The fused kernels implement the same maps natively.
@@ -54,7 +65,7 @@ PRESCALE = 2.0**64
 
 def uses_8bit(shape: torch.Size | tuple[int, ...]) -> bool:
     """Whether a parameter of this global shape gets 8-bit state (``state_bits=8``)."""
-    return len(shape) >= 2 and math.prod(shape) >= MIN_NUMEL
+    return len(shape) >= 1 and math.prod(shape) >= MIN_NUMEL
 
 
 def row_length(shape: torch.Size | tuple[int, ...]) -> int:
@@ -62,9 +73,46 @@ def row_length(shape: torch.Size | tuple[int, ...]) -> int:
     return math.prod(shape[1:])
 
 
-def scales_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    """Shape of the per-block absmax tensor for a parameter (or dim-0 shard) of ``shape``."""
+def scales_shape(shape: torch.Size | tuple[int, ...], phase: int = 0) -> tuple[int, ...]:
+    """Shape of the per-block absmax tensor for a parameter (or dim-0 shard) of ``shape``; a 1-D
+    one starting at global offset ``phase`` (mod 256) has one scale per block it touches."""
+    if len(shape) == 1:
+        return (flat_cuts(shape[0], phase)[-1][3] if shape[0] else 0,)
     return (shape[0], -(-row_length(shape) // BLOCK))
+
+
+def flat_cuts(n: int, phase: int = 0) -> list[tuple[int, int, int, int]]:
+    """Aligned runs of a flat tensor of ``n`` elements starting at global offset ``phase`` (mod
+    256): ``(start, stop, first scale, stop scale)`` for the partial head block (if any), then for
+    the whole blocks after it (the last may be ragged)."""
+    head = min(-phase % BLOCK, n)
+    cuts = [(0, head, 0, 1)] if head else []
+    if n > head:
+        first = len(cuts)
+        cuts.append((head, n, first, first + -(-(n - head) // BLOCK)))
+    return cuts
+
+
+def scale_rows(shape: torch.Size | tuple[int, ...], start: int, stop: int) -> tuple[int, int]:
+    """Rows of the scales that rows ``[start, stop)`` of a parameter of ``shape`` use (for a 1-D
+    parameter, ``start`` must be a multiple of 256, as ZeRO-1 cuts it)."""
+    if len(shape) == 1:
+        return start // BLOCK, -(-stop // BLOCK)
+    return start, stop
+
+
+def kernel_views(
+    param: Tensor, grad: Tensor, values: list[Tensor], scales: list[Tensor] | None, phase: int = 0
+) -> list[tuple[Tensor, Tensor, list[Tensor], list[Tensor] | None]]:
+    """The tensors as the kernels take them: unchanged, except 8-bit flat state, which becomes one
+    ``(1, length)`` row per aligned run (:func:`flat_cuts`), views of the same memory."""
+    if scales is None or param.ndim != 1:
+        return [(param, grad, values, scales)]
+    row = lambda t, a, b: t[a:b].view(1, -1)
+    return [
+        (row(param, a, b), row(grad, a, b), [row(v, a, b) for v in values], [row(c, sa, sb) for c in scales])
+        for a, b, sa, sb in flat_cuts(param.shape[0], phase)
+    ]
 
 
 def _blocks(rows: Tensor) -> Tensor:
@@ -153,6 +201,23 @@ def decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = tor
     return layout.unpad(x).reshape(codes.shape).to(dtype)
 
 
+def encode_flat(x: Tensor, signed: bool, phase: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`encode` for flat state (1-D ``x`` starting at global offset ``phase``)."""
+    pieces = [encode(x[a:b].view(1, -1), signed) for a, b, _, _ in flat_cuts(x.shape[0], phase)]
+    if not pieces:
+        return torch.zeros_like(x, dtype=torch.int8 if signed else torch.uint8), x.new_zeros(0).float()
+    return torch.cat([c.view(-1) for c, _ in pieces]), torch.cat([a.view(-1) for _, a in pieces])
+
+
+def decode_flat(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype, phase: int = 0) -> Tensor:
+    """Inverse of :func:`encode_flat`."""
+    out = [
+        decode(codes[a:b].view(1, -1), absmax[sa:sb].view(1, -1), signed, dtype).view(-1)
+        for a, b, sa, sb in flat_cuts(codes.shape[0], phase)
+    ]
+    return torch.cat(out) if out else torch.zeros(codes.shape, dtype=dtype, device=codes.device)
+
+
 def encode_into(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:
     """Quantize ``x`` into existing ``codes`` / ``absmax`` tensors (in place)."""
     new_codes, new_absmax = encode(x, signed)
@@ -168,6 +233,11 @@ _SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 
 def _scale_key(moment: str) -> str:
     return f"{moment}_absmax"
+
+
+def is_scale_key(key: str) -> bool:
+    """Whether a per-parameter state key holds 8-bit scales."""
+    return key.endswith("_absmax")
 
 
 class StateFormat:
@@ -194,14 +264,22 @@ class StateFormat:
         return hash(self.eight_bit)
 
     @staticmethod
-    def choose(state_bits: int, param: Tensor) -> StateFormat:
+    def choose(
+        state_bits: int, param: Tensor, *, flat_ok: bool = True, shape: tuple[int, ...] | None = None
+    ) -> StateFormat:
         """The format for ``param`` (the global parameter, never a shard) under ``state_bits``.
 
         Complex parameters keep 32-bit state: torch.optim stores their moments as complex tensors,
         which keeps their state dicts interchangeable, and they are rare and small (FFT filters,
-        complex-valued layers), so 8-bit storage would save little.
+        complex-valued layers), so 8-bit storage would save little. ``flat_ok=False`` keeps 1-D
+        parameters 32-bit (FSDP2 cuts them at arbitrary elements, not at block boundaries).
+        ``shape`` is the global shape where ``param`` is not the whole of it (DeepSpeed's flat
+        buffer for one of its partitions), so that the choice never depends on the world size.
         """
-        if state_bits == 8 and uses_8bit(param.shape) and not param.is_complex():
+        shape = param.shape if shape is None else shape
+        if param.ndim == 1 and not flat_ok:
+            return FULL
+        if state_bits == 8 and uses_8bit(shape) and not param.is_complex():
             return EIGHT_BIT
         return FULL
 
@@ -210,12 +288,13 @@ class StateFormat:
         """The format existing per-parameter ``state`` is in."""
         return EIGHT_BIT if _scale_key("exp_avg") in state else FULL
 
-    def zeros(self, moment: str, like: Tensor) -> dict[str, Tensor]:
-        """Fresh (zero) storage for ``moment`` of a parameter (or shard) ``like``: key -> tensor."""
+    def zeros(self, moment: str, like: Tensor, phase: int = 0) -> dict[str, Tensor]:
+        """Fresh (zero) storage for ``moment`` of a parameter (or shard) ``like`` (flat: starting
+        at global offset ``phase``): key -> tensor."""
         if not self.eight_bit:
             return {moment: torch.zeros_like(like)}
         codes = torch.zeros_like(like, dtype=torch.int8 if _SIGNED[moment] else torch.uint8)
-        scales = torch.zeros(scales_shape(like.shape), dtype=torch.float32, device=like.device)
+        scales = torch.zeros(scales_shape(like.shape, phase), dtype=torch.float32, device=like.device)
         return {moment: codes, _scale_key(moment): scales}
 
     def stored(self, state: dict, moments: tuple[str, ...]) -> tuple[list[Tensor], list[Tensor] | None]:
@@ -229,9 +308,9 @@ class StateFormat:
         if self.eight_bit:
             state[_scale_key(dst)] = state[_scale_key(src)].clone()
 
-    def convert(self, state: dict, dtype: torch.dtype) -> None:
+    def convert(self, state: dict, dtype: torch.dtype, phase: int = 0) -> None:
         """Re-encode loaded per-parameter ``state`` into this format in place (32 <-> 8-bit);
-        decoded moments get ``dtype`` (the parameter's)."""
+        decoded moments get ``dtype`` (the parameter's); flat state starts at offset ``phase``."""
         for key in MOMENTS:
             if key not in state:
                 continue
@@ -239,9 +318,16 @@ class StateFormat:
             is_8bit = scale_key in state
             if self.eight_bit and not is_8bit:
                 full = state[key].to(dtype) if state[key].dtype == torch.float64 else state[key]
-                state[key], state[scale_key] = encode(full, _SIGNED[key])
+                if full.ndim == 1:
+                    state[key], state[scale_key] = encode_flat(full, _SIGNED[key], phase)
+                else:
+                    state[key], state[scale_key] = encode(full, _SIGNED[key])
             elif is_8bit and not self.eight_bit:
-                state[key] = decode(state[key], state.pop(scale_key), _SIGNED[key], dtype)
+                codes, scales = state[key], state.pop(scale_key)
+                if codes.ndim == 1:
+                    state[key] = decode_flat(codes, scales, _SIGNED[key], dtype, phase)
+                else:
+                    state[key] = decode(codes, scales, _SIGNED[key], dtype)
 
 
 FULL = StateFormat(False)

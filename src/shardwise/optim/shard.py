@@ -11,11 +11,13 @@ for; the update rule never knows about ranks. Two cases exist:
   parameters.
 
 The ZeRO-1 layout is FSDP2's: every parameter is split along dim 0 with ``torch.chunk`` semantics
-(rank ``r`` owns rows ``[r * c, min((r + 1) * c, d0))`` with ``c = ceil(d0 / world)``; a 1-D
-parameter's rows are its elements). Splitting rows, never elements of a row, keeps the 8-bit blocks
-of :mod:`shardwise.optim.quant` whole, so a rank's codes and scales are exactly the rows of the full
-ones; a parameter with fewer rows than ranks leaves the last ranks without a piece. The per-rank
-maximum is ``ceil(d0 / world)`` rows of every parameter, the same as any balanced row split.
+(rank ``r`` owns rows ``[r * c, min((r + 1) * c, d0))`` with ``c = ceil(d0 / world)``), except
+that a 1-D parameter of at least ``quant.MIN_NUMEL`` elements is split in whole 256-element
+blocks. Splitting rows, never elements of a row, and long vectors at block boundaries, keeps the
+8-bit blocks of :mod:`shardwise.optim.quant` whole, so a rank's codes and scales are exactly the
+rows of the full ones; a parameter with fewer rows (blocks) than ranks leaves the last ranks
+without a piece. The per-rank maximum is ``ceil(d0 / world)`` rows of every parameter, the same
+as any balanced row split.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import quant
 
 try:
     from torch.distributed.tensor import DTensor
@@ -54,7 +58,46 @@ def chunk_bounds(rows: int, world: int, rank: int) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------------- replicated
 class Replicated:
-    """Every rank updates all of each parameter (DTensor parameters: their local shard)."""
+    """Every rank updates all of each parameter (DTensor parameters: their local shard).
+
+    Under DeepSpeed ZeRO the parameters are DeepSpeed's flat fp32 partitions, swapped in after
+    construction: :meth:`notice` sees the swap, and :meth:`phase` then places each partition's
+    8-bit blocks on its offset in DeepSpeed's flat buffer (ZeRO-1/2: ``rank * partition_size``,
+    every rank's partition having the same size), so that blocks are the same on any number of
+    ranks wherever partitions start on a multiple of 256."""
+
+    shapes: list[tuple[int, ...]] | None = None  # None: unknown (unpickled from an older version)
+    flat = False  # parameters replaced by an engine's flat partitions (DeepSpeed)
+    checked = False
+
+    def __init__(self, params: list[Tensor] | None = None) -> None:
+        self.shapes = [tuple(p.shape) for p in params or []]
+
+    def register(self, params: list[Tensor]) -> None:
+        if self.shapes is not None:
+            self.shapes.extend(tuple(p.shape) for p in params)
+        self.checked = False
+
+    def notice(self, params: list[Tensor]) -> None:
+        """Called before each step and load: notices parameters swapped behind the optimizer's back."""
+        if self.checked or self.shapes is None:
+            return
+        shapes = [tuple(p.shape) for p in params]
+        if shapes != self.shapes and all(len(s) == 1 for s in shapes):
+            self.flat = True
+        self.checked = True
+
+    def phase(self, p: Tensor) -> int:
+        """Global flat offset of ``p``'s first element, modulo 256 (:func:`quant.flat_cuts`)."""
+        if not self.flat or p.ndim != 1 or not _dist_ready():
+            return 0
+        return dist.get_rank() * p.numel() % quant.BLOCK
+
+    def global_shape(self, p: Tensor) -> tuple[int, ...]:
+        """``p``'s shape, or for a DeepSpeed partition its flat buffer's (equal partitions)."""
+        if self.flat and p.ndim == 1 and _dist_ready():
+            return (p.numel() * dist.get_world_size(),)
+        return tuple(p.shape)
 
     def local(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         return local_tensor(p), local_tensor(p.grad)
@@ -133,21 +176,62 @@ class ZeroPartition:
     all-gathers the updated rows in buckets of many parameters per collective."""
 
     def __init__(self, group: Any, params: list[Tensor], bucket_numel: int = BUCKET_NUMEL) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "shard=True (ZeRO-1) needs an initialized process group: call "
-                "torch.distributed.init_process_group() or create the accelerate.Accelerator() first"
-            )
         for p in params:
             if is_dtensor(p):
                 raise ValueError(
                     "shard=True with DTensor (FSDP2) parameters: their state is already sharded like "
                     "the parameters; drop shard=True"
                 )
+            if hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3 (zero.Init) placeholders
+                raise ValueError(
+                    "shard=True with DeepSpeed ZeRO-3 parameters (zero.Init): DeepSpeed partitions the "
+                    "optimizer state over the ranks already, and partitioning it again would corrupt "
+                    "training. Drop shard=True (docs/sharding.md: which engine for which case)."
+                )
+        #: Shapes of the parameters this partition was built for (see :meth:`before_step`).
+        self.shapes = [tuple(p.shape) for p in params]
+        self.checked = False
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
+        # Without a process group this is a world of one (e.g. a shard=True run resumed on a single
+        # process): every piece is the whole parameter and no collective is ever made.
+        self.standalone = group is None and not _dist_ready()
+        self.rank = 0 if self.standalone else dist.get_rank(group)
+        self.world = 1 if self.standalone else dist.get_world_size(group)
         self.bucket_numel = bucket_numel
+
+    def check_world(self) -> None:
+        """Refuse to go on as a world of one once a larger process group exists: state built for
+        one rank would silently stay unsharded."""
+        if self.standalone and _dist_ready() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                "AdamW(shard=True) was built before the process group existed (as a world of one), "
+                f"but now {dist.get_world_size()} ranks run: build the optimizer after "
+                "torch.distributed.init_process_group() / accelerate.Accelerator()"
+            )
+
+    def register(self, params: list[Tensor]) -> None:
+        """Parameters added later (``add_param_group``)."""
+        self.shapes.extend(tuple(p.shape) for p in params)
+        self.checked = False
+
+    def phase(self, p: Tensor) -> int:
+        return 0  # 1-D pieces start on block boundaries (bounds)
+
+    def global_shape(self, p: Tensor) -> tuple[int, ...]:
+        return tuple(p.shape)
+
+    def notice(self, params: list[Tensor]) -> None:
+        """Checks made once, at the first step (or load): the world is still the one the state was built
+        for, and the parameters are still the optimizer's own. DeepSpeed ZeRO (stage 1-3) swaps a
+        client optimizer's parameters for its flat fp32 partitions when it wraps it (in
+        ``deepspeed.initialize`` / ``accelerator.prepare``), after construction and without telling
+        it: this is the first point where that is visible, and every engine shows it the same way."""
+        if self.checked:
+            return
+        self.check_world()
+        if [tuple(p.shape) for p in params] != self.shapes:
+            raise RuntimeError(_UNDER_DEEPSPEED)
+        self.checked = True
 
     # ------------------------------------------------------------------ copy, pickle
     def __deepcopy__(self, memo: dict) -> ZeroPartition:
@@ -167,13 +251,18 @@ class ZeroPartition:
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled inside a process group: this process's rank and world size, not the saver's."""
         self.__dict__.update(state)
-        if dist.is_available() and dist.is_initialized():
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.standalone = not _dist_ready()
+        self.rank, self.world = (0, 1) if self.standalone else (dist.get_rank(), dist.get_world_size())
 
     # ------------------------------------------------------------------ layout
     def bounds(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
-        """Rows of ``p`` that ``rank`` (default: this rank) owns; a 0-d ``p`` is one row."""
+        """Rows of ``p`` that ``rank`` (default: this rank) owns; a 0-d ``p`` is one row. A 1-D
+        ``p`` large enough for 8-bit state is split in whole 256-element blocks, so that flat
+        8-bit state (:mod:`.quant`) splits with it; shorter vectors by elements (balance)."""
         rank = self.rank if rank is None else rank
+        if p.ndim == 1 and p.shape[0] >= quant.MIN_NUMEL:
+            start, stop = chunk_bounds(-(-p.shape[0] // quant.BLOCK), self.world, rank)
+            return min(start * quant.BLOCK, p.shape[0]), min(stop * quant.BLOCK, p.shape[0])
         return chunk_bounds(p.shape[0] if p.ndim else 1, self.world, rank)
 
     def _piece(self, t: Tensor, p: Tensor, rank: int | None = None) -> Tensor:
@@ -197,6 +286,8 @@ class ZeroPartition:
         return local_state
 
     def all_agree(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
@@ -264,6 +355,8 @@ class ZeroPartition:
     def full_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Gather every rank's pieces into the state an unsharded optimizer would hold (a
         collective: every rank must call it, and every rank gets the full state)."""
+        if self.world == 1:
+            return state_dict
         local = state_dict["state"]
         meta: dict[Any, dict[str, Any]] = {}
         for pid, s in local.items():
@@ -349,12 +442,31 @@ class ZeroPartition:
         for key, value in list(state.items()):
             if key == "step" or not torch.is_tensor(value):
                 continue
-            if value.ndim == 0 or value.shape[0] != p.shape[0]:
+            rows = (start, stop)
+            expected = p.shape[0]
+            if quant.is_scale_key(key):
+                rows = quant.scale_rows(p.shape, start, stop)
+                expected = quant.scales_shape(p.shape)[0]
+            if value.ndim == 0 or value.shape[0] != expected:
                 raise ValueError(
                     f"state {key!r} of shape {tuple(value.shape)} is not full-size for a parameter of "
                     f"shape {tuple(p.shape)}: shard=True loads the full state that state_dict() returns"
                 )
-            state[key] = value[start:stop].clone()
+            state[key] = value[rows[0] : rows[1]].clone()
+
+
+_UNDER_DEEPSPEED = (
+    "shard=True under DeepSpeed ZeRO: this optimizer's parameters are not the ones it was built with "
+    "(DeepSpeed replaces them with its own flat partitions, because it partitions the optimizer state "
+    "over the ranks already); partitioning them again would corrupt training. Drop shard=True: "
+    "DeepSpeed ZeRO-1/2/3 is ZeRO-sharded already (docs/sharding.md: which engine for which case). "
+    "Without DeepSpeed: build the optimizer after any change to the parameters' shapes (e.g. "
+    "resize_token_embeddings)."
+)
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _all_gather_flat(out: Tensor, inp: Tensor, group: Any) -> None:
@@ -369,7 +481,7 @@ def _all_gather_flat(out: Tensor, inp: Tensor, group: Any) -> None:
 def make_partition(*, shard_arg: Any, params: list[Tensor]) -> Replicated | ZeroPartition:
     """The partition for ``AdamW(..., shard=shard_arg)``."""
     if shard_arg is False or shard_arg is None:
-        return Replicated()
+        return Replicated(params)
     if shard_arg is True:
         return ZeroPartition(None, params)
     if dist.is_available() and isinstance(shard_arg, dist.ProcessGroup):

@@ -2,7 +2,8 @@
 
 On CPU the kernel is C++ (``csrc/adam_fused.cpp``), compiled once per machine with
 ``torch.utils.cpp_extension`` (about a minute; cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) and threaded with ATen's pool. It is feature-detected: without a C++
+``~/.cache/torch_extensions``, keyed by source, flags, CPU, torch and Python ABI, never by the
+checkout's path: see :func:`build_name`) and threaded with ATen's pool. It is feature-detected: without a C++
 compiler, or with ``SHARDWISE_DISABLE_NATIVE=1``, :func:`available` is False, ``impl="auto"`` picks
 ``foreach`` and ``impl="fused"`` warns once and does the same.
 
@@ -37,19 +38,68 @@ _module = None
 _error: str | None = None
 
 
-def _cpu_fingerprint() -> str:
-    """The extension is built for this CPU (-march): key the build by CPU flags, flags and source."""
-    flags = ""
+def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
-                break
+                return line
     except OSError:
-        flags = platform.processor()
-    key = flags + _SOURCE.read_text() + " ".join(_CFLAGS) + torch.__version__
-    digest = hashlib.sha1(key.encode()).hexdigest()
-    return digest[:12]
+        pass
+    return platform.processor()
+
+
+def build_name(source: str | None = None) -> str:
+    """The extension's name, which is also its cache folder: a digest of everything the binary
+    depends on (the kernel source, the compiler flags, this CPU's features for ``-march``, torch's
+    version and C++ ABI, the Python ABI, the compiler) and of nothing else. In particular not of
+    the checkout's path: every clone, worktree or installed copy of the same source shares one
+    build."""
+    source = _SOURCE.read_text() if source is None else source
+    parts = [
+        source,
+        " ".join(_CFLAGS),
+        _cpu_flags(),
+        torch.__version__,
+        f"cxx11abi={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        sys.implementation.cache_tag,
+        sys.abiflags,
+        os.environ.get("CXX", "c++"),
+    ]
+    return f"shardwise_adam_fused_{hashlib.sha1(chr(0).join(parts).encode()).hexdigest()[:12]}"
+
+
+_BUILT = "shardwise-built"  # written into the build folder once the module has loaded
+
+
+def _load_or_build():
+    """Import the cached build if one exists, else build it from a copy of the source kept in
+    the build folder (so neither the cache key nor ninja's command line names the checkout)."""
+    from torch.utils.cpp_extension import _get_build_directory, _import_module_from_library, load
+
+    name = build_name()
+    folder = Path(_get_build_directory(name, verbose=False))
+    if (folder / _BUILT).exists():
+        try:
+            return _import_module_from_library(name, str(folder), True)
+        except Exception:  # a damaged cache: rebuild below
+            pass
+    source = folder / _SOURCE.name
+    text = _SOURCE.read_text()
+    if not source.exists() or source.read_text() != text:  # unchanged mtime: ninja stays quiet
+        tmp = folder / f".{_SOURCE.name}.{os.getpid()}"
+        tmp.write_text(text)
+        tmp.replace(source)  # atomic: a concurrent builder never reads half a file
+    print(f"shardwise: building fused CPU kernel {name} (once per machine and version)", file=sys.stderr)
+    module = load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        verbose=False,
+    )
+    (folder / _BUILT).write_text(f"{name}\n")
+    return module
 
 
 def _native():
@@ -64,17 +114,7 @@ def _native():
             _error = "disabled by SHARDWISE_DISABLE_NATIVE=1"
             return None
         try:
-            from torch.utils.cpp_extension import load
-
-            name = f"shardwise_adam_fused_{_cpu_fingerprint()}"
-            print(f"shardwise: loading fused CPU kernel {name} (built once per machine)", file=sys.stderr)
-            _module = load(
-                name=name,
-                sources=[str(_SOURCE)],
-                extra_cflags=_CFLAGS,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            _module = _load_or_build()
         except Exception as exc:  # no compiler, no headers, ...: fall back, say why
             lines = str(exc).splitlines()
             first_error = next((ln.strip() for ln in lines if "error:" in ln), lines[-1] if lines else "")
