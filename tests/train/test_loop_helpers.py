@@ -96,3 +96,17 @@ def test_check_fsdp_engaged_flags_an_ignored_fsdp_plugin(monkeypatch):
         check_fsdp_engaged(fake)
     fake.distributed_type = DistributedType.FSDP
     check_fsdp_engaged(fake)  # really running FSDP
+
+
+def test_shard_under_deepspeed_is_a_config_error(monkeypatch):
+    """DeepSpeed ZeRO partitions the state itself: a second ZeRO-1 on top is refused before training."""
+    import torch
+
+    from shardwise.errors import ConfigError
+    from shardwise.train.optimizer import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="optimizer.shard=true under DeepSpeed"):
+        build_optimizer(model, OptimizerConfig(shard=True), total_steps=10)
+    build_optimizer(model, OptimizerConfig(shard=False), total_steps=10)  # DeepSpeed's own ZeRO: fine

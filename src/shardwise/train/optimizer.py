@@ -5,6 +5,7 @@ from __future__ import annotations
 from shardwise.errors import ConfigError
 from shardwise.optim import optimizer_and_scheduler
 
+from .accel import env_flag
 from .sections import OptimizerConfig
 
 
@@ -15,6 +16,13 @@ def build_optimizer(model, opt: OptimizerConfig, total_steps: int):
     the divergence guard of :func:`shardwise.train.update.optimizer_steps` builds on it. Invalid
     hyperparameters surface as a ConfigError naming the ``optimizer.*`` key.
     """
+    if opt.shard and env_flag("ACCELERATE_USE_DEEPSPEED"):  # the optimizer refuses too, at its first step
+        raise ConfigError(
+            "optimizer.shard=true under DeepSpeed: DeepSpeed ZeRO already partitions the optimizer state "
+            "(sharding it again would silently ruin training)",
+            hint="drop optimizer.shard (DeepSpeed's zero_stage does it), or launch with "
+            "configs/accelerate/cpu_ddp.yaml / multi_gpu.yaml for shardwise's own ZeRO-1",
+        )
     if opt.warmup_steps is not None and opt.warmup_steps >= total_steps:
         raise ConfigError(
             f"optimizer.warmup_steps={opt.warmup_steps} is not below the run's {total_steps} optimizer steps",
