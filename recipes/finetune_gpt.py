@@ -27,12 +27,7 @@ from shardwise.data.text import CausalLMDataConfig, load_causal_lm
 from shardwise.errors import exit_on_error
 from shardwise.models.pretrained import PretrainedModelConfig
 from shardwise.train.accel import configure_deepspeed, describe, is_deepspeed, make_accelerator
-from shardwise.train.checkpoint import (
-    check_output_dir,
-    find_checkpoint,
-    load_checkpoint,
-    read_progress,
-)
+from shardwise.train.checkpoint import check_output_dir, resume_training
 from shardwise.train.loop import run_training
 from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
@@ -115,12 +110,10 @@ def main(cfg: Config) -> dict:
         model, optimizer, train_dl, eval_dl, scheduler
     )
 
-    start_step, skipped_total = 0, 0  # skipped: updates the divergence guard skipped (non-finite)
-    if cfg.train.resume_from_checkpoint is not None:
-        path = find_checkpoint(out, cfg.train.resume_from_checkpoint)
-        start_step = load_checkpoint(accelerator, path)
-        skipped_total = read_progress(path).get("meta", {}).get("skipped_steps", 0)
-        say(f"resumed from {path} at step {start_step} (lr {scheduler.get_last_lr()[0]:.3g})")
+    # "latest" / "auto" (fresh when there is none) / a path: state, step, counters, data position
+    resumed = resume_training(accelerator, out, cfg.train.resume_from_checkpoint)
+    if resumed.path is not None:
+        say(f"resumed from {resumed.path} at step {resumed.step} (lr {scheduler.get_last_lr()[0]:.3g})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -158,8 +151,9 @@ def main(cfg: Config) -> dict:
         evaluate=evaluate,
         metrics=metrics,
         output_dir=out,
-        start_step=start_step,
-        skipped_steps=skipped_total,
+        start_step=resumed.step,
+        skipped_steps=resumed.skipped_steps,
+        position=resumed.position,
     )
 
     # ------------------------------------------------------------------------------------ samples

@@ -26,6 +26,48 @@ class StepPlan:
         return epoch, within * grad_accum
 
 
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a run stands in its data: ``samples`` of epoch ``epoch``'s shuffled order consumed, by all
+    processes together. Checkpoints store it (``meta["data"]``) so that a run resumes at the right
+    sample on any number of processes: micro-batch counts are per process and change with the world
+    size; the seeded shuffled order of an epoch does not (accelerate's seedable sampler permutes the
+    whole data set, then deals consecutive per-process batches to the ranks in turn)."""
+
+    epoch: int
+    samples: int
+
+    @staticmethod
+    def after(epoch: int, micro_batches: int, global_micro_batch: int, dataset_len: int) -> DataPosition:
+        """The position after ``micro_batches`` per-process micro-batches of ``epoch`` on a world whose
+        micro-batch step takes ``global_micro_batch`` samples (per-process batch x processes). The
+        last global batch of an epoch is padded by accelerate (even_batches): capped at the epoch."""
+        samples = min(micro_batches * global_micro_batch, dataset_len)
+        return DataPosition(epoch + 1, 0) if samples >= dataset_len else DataPosition(epoch, samples)
+
+    def resume(self, global_micro_batch: int) -> tuple[int, int, int]:
+        """(epoch, micro-batches per process to skip, samples seen again) for a world whose
+        micro-batch step takes ``global_micro_batch`` samples.
+
+        Exact (0 seen again) when ``samples`` is a multiple of it: always when the new world size
+        divides the old one (2 -> 1, 8 -> 4), and whenever the run stopped on a global-batch boundary
+        of the new world. Otherwise it rounds down to that boundary: the first ``samples mod
+        global_micro_batch`` samples of the next global batch are trained on a second time; no sample
+        is ever skipped.
+        """
+        skip, again = divmod(self.samples, global_micro_batch)
+        return self.epoch, skip, again
+
+
+@dataclass
+class DataCursor:
+    """The data position, kept current by :func:`shardwise.train.update.optimizer_steps`: set it to a
+    resumed checkpoint's position before iterating; after each yielded update it holds the position
+    after that update (what a checkpoint taken then stores)."""
+
+    position: DataPosition | None = None
+
+
 def batches_per_process(train_dl, num_processes: int) -> int:
     """Batches one process sees per epoch: accelerate splits the global batch list evenly over the
     processes (the last process's share padded), hence the ceil."""
