@@ -79,6 +79,7 @@ class StopOnSignal:
         self._previous: dict[signal.Signals, object] = {}
         self._group = None
         self._world = 1
+        self._agreed: signal.Signals | None = None  # the signal the processes agreed on
         if accelerator is not None and accelerator.num_processes > 1 and torch.distributed.is_initialized():
             self._world = accelerator.num_processes
             if torch.distributed.get_backend() != "gloo":  # a CPU flag: no CUDA stream sync per step
@@ -118,17 +119,23 @@ class StopOnSignal:
         return bool(self.received)
 
     def agreed(self, device=None) -> bool:
-        """True on every process when any process got a signal (a MAX all-reduce when distributed)."""
+        """True on every process when any process got a signal (a MAX all-reduce when distributed:
+        of the signal's number, so that every process can name it)."""
         if self._world == 1:
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+            self._agreed = self.received[0] if self.received else None
+            return self._agreed is not None
+        flag = torch.tensor([int(self.received[0]) if self.received else 0], dtype=torch.int32)
         if self._group is None and device is not None:
             flag = flag.to(device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        number = int(flag.item())
+        self._agreed = signal.Signals(number) if number else None
+        return self._agreed is not None
 
     def signal_name(self) -> str:
-        return self.received[0].name if self.received else "a signal on another process"
+        """The signal the run stops on (received by this process or another one)."""
+        sig = self._agreed or (self.received[0] if self.received else None)
+        return sig.name if sig is not None else "?"
 
 
 def write_stop_record(record: dict) -> Path | None:
