@@ -136,6 +136,7 @@ def run_training(
                 log_evaluation(step)
                 last_eval_step = step
             stopping = step < plan.total_steps and stop.agreed(accelerator.device)  # collective, every step
+            step_end = time.monotonic()
             if stopping:
                 bar.close()
                 stop.saving = True  # later signals: acknowledged, the save goes on
@@ -144,13 +145,13 @@ def run_training(
                 saved = checkpoint(step, cursor.position)
             if stopping:
                 saved = saved or checkpoint(step, cursor.position)
-                waited = time.monotonic() - (stop.first_at or time.monotonic())
                 error = stopped_error(
                     signal_name=stop.signal_name(),
                     step=step,
                     total=plan.total_steps,
                     checkpoint=saved,
-                    seconds=waited,
+                    seconds=time.monotonic() - (stop.first_at or step_end),
+                    save_seconds=time.monotonic() - step_end,
                 )
                 if accelerator.is_main_process:
                     record = {"step": step, "signal": stop.signal_name(), "checkpoint": str(saved)}

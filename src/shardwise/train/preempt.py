@@ -152,11 +152,20 @@ def write_stop_record(record: dict) -> Path | None:
     return path
 
 
-def stopped_error(*, signal_name: str, step: int, total: int, checkpoint: Path, seconds: float) -> Stopped:
+def stopped_error(
+    *,
+    signal_name: str,
+    step: int,
+    total: int,
+    checkpoint: Path,
+    seconds: float,
+    save_seconds: float | None = None,
+) -> Stopped:
     """The message a stopped run ends with: where it stopped, the checkpoint, and how to resume."""
     return Stopped(
         f"{signal_name}: stopped at optimizer step {step}/{total}; checkpoint {checkpoint} written "
-        f"{seconds:.1f}s after the signal",
+        f"{seconds:.1f}s after the signal"
+        + (f" (the save took {save_seconds:.1f}s)" if save_seconds is not None else ""),
         hint="resume with the same command plus train.resume_from_checkpoint=auto (or =latest), on any "
         f"number of processes (exit code {EXIT_STOPPED} = stopped on a signal, resumable)",
     )
