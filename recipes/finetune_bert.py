@@ -25,7 +25,7 @@ from shardwise.data.text import ClassificationDataConfig, load_classification
 from shardwise.errors import exit_on_error
 from shardwise.models.pretrained import PretrainedModelConfig
 from shardwise.train.accel import configure_deepspeed, describe, make_accelerator
-from shardwise.train.checkpoint import check_output_dir, resume_training
+from shardwise.train.checkpoint import check_output_dir, load_checkpoint, resume_point
 from shardwise.train.loop import run_training
 from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
@@ -104,7 +104,16 @@ def main(cfg: Config) -> dict:
 
     # ----------------------------------------------------------------------------------- optimizer
     # per-process batches: accelerate splits the global batch list evenly over the processes
-    plan = plan_steps(batches_per_process(train_dl, accelerator.num_processes), cfg.train)
+    # "latest" / "auto" (fresh when there is none) / a path: the step, counters and data position it
+    # continues from (the plan counts the steps its remaining data takes on this number of processes)
+    resumed = resume_point(out, cfg.train.resume_from_checkpoint)
+    global_micro = cfg.train.batch_size * accelerator.num_processes
+    plan = plan_steps(
+        batches_per_process(train_dl, accelerator.num_processes),
+        cfg.train,
+        (resumed.step, resumed.position),
+        global_micro,
+    )
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, plan.total_steps)
     say(f"optimizer: {describe_optimizer(optimizer, cfg.optimizer)}")
     say(f"schedule: {plan.total_steps} steps ({plan.updates_per_epoch}/epoch, {plan.epochs} epochs)")
@@ -113,9 +122,8 @@ def main(cfg: Config) -> dict:
         model, optimizer, train_dl, eval_dl, scheduler
     )
 
-    # "latest" / "auto" (fresh when there is none) / a path: state, step, counters, data position
-    resumed = resume_training(accelerator, out, cfg.train.resume_from_checkpoint)
     if resumed.path is not None:
+        load_checkpoint(accelerator, resumed.path)
         say(f"resumed from {resumed.path} at step {resumed.step} (lr {scheduler.get_last_lr()[0]:.3g})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

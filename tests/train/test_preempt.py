@@ -11,7 +11,7 @@ import pytest
 
 from shardwise.errors import CheckpointError, exit_on_error
 from shardwise.train.checkpoint import _disk_full, check_output_dir, check_writable, find_checkpoint
-from shardwise.train.plan import DataPosition
+from shardwise.train.plan import DataPosition, plan_steps
 from shardwise.train.preempt import (
     EXIT_STOPPED,
     StopOnSignal,
@@ -145,3 +145,17 @@ def test_disk_full_is_recognised():
     assert _disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert _disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
     assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_plan_counts_the_remaining_data_on_the_new_world():
+    tiny = TrainConfig(batch_size=16, max_steps=None, epochs=1)
+    # same world (1 process, 16 batches): the original plan
+    assert plan_steps(16, tiny, (6, DataPosition(0, 96)), 16) == plan_steps(16, tiny)
+    # 1 -> 2 processes after 96 samples: 3 of 8 batches done per process, 5 updates left
+    assert plan_steps(8, tiny, (6, DataPosition(0, 96)), 32).total_steps == 11
+    # 2 -> 1 after 96 samples (step 3): 10 of 16 batches left
+    assert plan_steps(16, tiny, (3, DataPosition(0, 96)), 16).total_steps == 13
+    # two epochs, accumulation 2, max_steps: enough epochs to reach it
+    acc = TrainConfig(batch_size=16, max_steps=20, grad_accum_steps=2)
+    plan = plan_steps(8, acc, (3, DataPosition(0, 192)), 32)  # 6 of 8 batches done: 1 update left
+    assert plan.total_steps == 20 and plan.epochs == 1 + 4  # epoch 0, then 16 more updates at 4 per epoch

@@ -154,18 +154,19 @@ class Resumed:
     position: DataPosition | None = None  # samples consumed (None: fresh, or an older checkpoint)
 
 
-def resume_training(accelerator, output_dir: str | Path, spec: str | None) -> Resumed:
-    """Load the checkpoint ``spec`` names (``latest``, ``auto``, a path; None = fresh) into the
-    prepared objects; returns the step, the counters and the data position it stores."""
+def resume_point(output_dir: str | Path, spec: str | None) -> Resumed:
+    """What the checkpoint ``spec`` names (``latest``, ``auto``, a path; None = fresh) resumes from:
+    read from its progress.json, nothing loaded yet (the step plan needs it before the optimizer and
+    schedule are built; :func:`load_checkpoint` loads the state once they are prepared)."""
     path = find_checkpoint(output_dir, spec) if spec is not None else None
     if path is None:
         return Resumed()
-    step = load_checkpoint(accelerator, path)
-    meta = read_progress(path).get("meta", {})
+    progress = read_progress(path)
+    meta = progress.get("meta", {})
     data = meta.get("data")
     return Resumed(
         path,
-        step,
+        int(progress["step"]),
         meta.get("skipped_steps", 0),
         meta.get("train_seconds", 0.0),
         DataPosition(int(data["epoch"]), int(data["samples"])) if data else None,

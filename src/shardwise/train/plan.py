@@ -74,11 +74,22 @@ def batches_per_process(train_dl, num_processes: int) -> int:
     return -(-len(train_dl) // num_processes)
 
 
-def plan_steps(batches_per_epoch: int, train: TrainConfig) -> StepPlan:
+def plan_steps(
+    batches_per_epoch: int,
+    train: TrainConfig,
+    resume: tuple[int, DataPosition | None] | None = None,
+    global_micro_batch: int | None = None,
+) -> StepPlan:
     """Optimizer steps per epoch and in total; ``max_steps`` wins over ``epochs`` when set.
 
     The last accumulation window of an epoch may be short; accelerate still steps at the end of the
     data loader, hence the ceil.
+
+    ``resume`` = (the checkpoint's step, its :class:`DataPosition`), with ``global_micro_batch`` the
+    samples one micro-batch step of this world takes: the total then counts the steps done plus the
+    updates the remaining data takes on this world, which is the original total on the same world
+    size and stays right when the world size (the global batch) changed: an ``epochs`` run ends with
+    its data and its LR schedule, a ``max_steps`` run gets enough epochs to reach ``max_steps``.
     """
     if batches_per_epoch < 1:
         raise DataError(
@@ -86,6 +97,15 @@ def plan_steps(batches_per_epoch: int, train: TrainConfig) -> StepPlan:
             hint="check the train split and data.max_train_samples, or lower train.batch_size",
         )
     per_epoch = math.ceil(batches_per_epoch / train.grad_accum_steps)
-    if train.max_steps is not None:
-        return StepPlan(per_epoch, train.max_steps, math.ceil(train.max_steps / per_epoch))
-    return StepPlan(per_epoch, per_epoch * train.epochs, train.epochs)
+    step, position = resume if resume is not None else (0, None)
+    if position is None or global_micro_batch is None:  # fresh, or an older checkpoint (same world)
+        if train.max_steps is not None:
+            return StepPlan(per_epoch, train.max_steps, math.ceil(train.max_steps / per_epoch))
+        return StepPlan(per_epoch, per_epoch * train.epochs, train.epochs)
+    epoch, skip, _ = position.resume(global_micro_batch)
+    rest_of_epoch = math.ceil(max(0, batches_per_epoch - skip) / train.grad_accum_steps)
+    if train.max_steps is None:
+        later = max(0, train.epochs - epoch - 1) * per_epoch
+        return StepPlan(per_epoch, step + rest_of_epoch + later, train.epochs)
+    left = max(0, train.max_steps - step - rest_of_epoch)
+    return StepPlan(per_epoch, train.max_steps, epoch + 1 + math.ceil(left / per_epoch))
