@@ -88,9 +88,10 @@ def optimizer_steps(
     (the data and the schedule move on). After ``train.max_consecutive_skips`` skipped updates in a row
     this raises :class:`DivergenceError` with the remedies, before yielding, so no checkpoint of that
     state is written. Under DeepSpeed the engine skips a non-finite step itself (before the optimizer
-    sees it; the global gradient norm it all-reduces makes every rank agree) and the guard counts
-    that skip, except a gradient overflow under fp16 loss scaling with a finite loss: that is the
-    loss scaler calibrating (it halves the scale), not a divergence.
+    sees it; the global gradient norm it all-reduces makes every rank agree), as accelerate's fp16
+    GradScaler does; the guard counts those skips (``step_was_skipped``), except a gradient overflow
+    under fp16 loss scaling with a finite loss: that is the loss scaler calibrating (it halves the
+    scale), not a divergence.
 
     ``cursor.position`` (a resumed checkpoint's :class:`DataPosition`) places the resume in samples,
     right for any number of processes; without it (older checkpoints) the position is derived from
@@ -114,7 +115,8 @@ def optimizer_steps(
             )
     else:
         start_epoch, skip = plan.position(start_step, train.grad_accum_steps)
-    ds_skips = is_deepspeed(accelerator) and hasattr(optimizer, "step_was_skipped")
+    # DeepSpeed's engine and accelerate's fp16 GradScaler skip non-finite steps before our optimizer runs
+    wrapper_skips = hasattr(optimizer, "step_was_skipped")
     fp16 = accelerator.mixed_precision == "fp16"
     # the RNG state load_state restored, for the iterator of a resumed, already started epoch
     resumed_rng = rng_state() if skip else None
@@ -153,8 +155,10 @@ def optimizer_steps(
                 skipped_before = guarded.skipped_steps
             else:  # an optimizer without the guard (torch.optim.SGD): notice, though the update was applied
                 skipped = not bool(torch.isfinite(total))
-            if ds_skips and not skipped and optimizer.step_was_skipped:  # DeepSpeed skipped it itself
-                skipped = not fp16 or not bool(torch.isfinite(total))
+            if wrapper_skips and not skipped and optimizer.step_was_skipped:  # skipped by the wrapper
+                skipped = not fp16 or not bool(
+                    torch.isfinite(total)
+                )  # fp16: a finite loss = scaler calibrating
             streak = streak + 1 if skipped else 0
             if streak >= train.max_consecutive_skips:
                 raise divergence_error(step, streak, optimizer, train)
