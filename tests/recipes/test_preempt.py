@@ -89,6 +89,7 @@ CASES = [("bert", 1, "launcher"), ("bert", 2, "rank1"), ("gpt", 1, "launcher"), 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three runs, two of them on 2 processes: slow on a loaded 2-core machine
 @pytest.mark.parametrize(("recipe", "procs", "target"), CASES, ids=[f"{r}-x{n}-{t}" for r, n, t in CASES])
 def test_sigterm_checkpoint_resume_identical(tmp_path, recipe, procs, target):
     """SIGTERM at a seeded random step (to the launcher, or to rank 1 only: the others must follow):
@@ -196,69 +197,64 @@ def test_signals_during_the_stop_save_lose_nothing(tmp_path):
 # N -> M processes, mid-epoch: every sample of the epoch trained on once
 
 
-def _epoch_rows(tmp_path) -> collections.Counter:
+@pytest.fixture(scope="module")
+def epoch_rows(tmp_path_factory) -> collections.Counter:
     """The rows of one full epoch of bert_tiny (256 texts), from an uninterrupted 1-process run."""
-    samples = tmp_path / "samples_ref"
+    tmp = tmp_path_factory.mktemp("epoch")
+    samples = tmp / "samples"
     cmd = recipe_cmd(
-        "finetune_bert.py",
-        "bert_tiny.yaml",
-        f"train.output_dir={tmp_path / 'ref'}",
-        "train.max_steps=null",
-        *FAST,
+        "finetune_bert.py", "bert_tiny.yaml", f"train.output_dir={tmp / 'ref'}", "train.max_steps=null", *FAST
     )
-    subprocess.run(cmd, cwd=ROOT, env=_env(samples), check=True, capture_output=True, timeout=600)
-    return collections.Counter(row for r in _records(samples) for row in r["rows"])
+    subprocess.run(cmd, cwd=ROOT, env=_env(samples), check=True, capture_output=True, timeout=900)
+    rows = collections.Counter(row for r in _records(samples) for row in r["rows"])
+    assert sum(rows.values()) == 256
+    return rows
 
 
 ELASTIC = [(2, 1, 3), (1, 2, 6), (1, 2, 5)]  # (processes before, after, stop step)
 
 
 @pytest.mark.slow
-def test_elastic_resume_mid_epoch_sample_accounting(tmp_path):
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("before", "after", "at"), ELASTIC, ids=[f"{b}to{a}_at{s}" for b, a, s in ELASTIC])
+def test_elastic_resume_mid_epoch_sample_accounting(tmp_path, epoch_rows, before, after, at):
     """One epoch (256 texts, 16 per process and micro-batch) stopped mid-epoch on N processes and
     finished on M: 2 -> 1 at step 3 and 1 -> 2 at step 6 train on every text exactly once; 1 -> 2 at
     step 5 (80 texts done, not a multiple of the 32-text global batch of 2 processes) rounds down:
     the 16 texts of the boundary batch are trained on twice (said on stdout), none skipped."""
-    epoch = _epoch_rows(tmp_path)
-    assert sum(epoch.values()) == 256
-    for before, after, at in ELASTIC:
-        out, samples = tmp_path / f"{before}to{after}_at{at}", tmp_path / f"samples_{before}to{after}_at{at}"
-        ddp = {1: None, 2: "cpu_ddp.yaml"}
-        first = recipe_cmd(
-            "finetune_bert.py",
-            "bert_tiny.yaml",
-            f"train.output_dir={out}",
-            f"train.max_steps={at}",
-            f"train.checkpoint_every={at}",
-            *FAST,
-            accelerate_config=ddp[before],
-        )
-        subprocess.run(first, cwd=ROOT, env=_env(samples / "a"), check=True, capture_output=True, timeout=600)
-        second = recipe_cmd(
-            "finetune_bert.py",
-            "bert_tiny.yaml",
-            f"train.output_dir={out}",
-            "train.max_steps=null",
-            "train.resume_from_checkpoint=latest",
-            *FAST,
-            accelerate_config=ddp[after],
-        )
-        proc = subprocess.run(
-            second, cwd=ROOT, env=_env(samples / "b"), capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        seen = collections.Counter(
-            row for d in ("a", "b") for r in _records(samples / d) for row in r["rows"]
-        )
-        again = at * 16 * before % (16 * after)
-        assert not (epoch - seen), f"{before}->{after} at {at}: samples skipped"
-        extra = seen - epoch
-        assert sum(extra.values()) == again, (before, after, at, extra)
-        if again:
-            assert f"the first {again} of the next one are trained on a second time" in proc.stdout
-        print(
-            f"\n{before} -> {after} processes at step {at}: {sum(seen.values())} rows trained, {again} twice"
-        )
+    out, samples = tmp_path / "run", tmp_path / "samples"
+    ddp = {1: None, 2: "cpu_ddp.yaml"}
+    first = recipe_cmd(
+        "finetune_bert.py",
+        "bert_tiny.yaml",
+        f"train.output_dir={out}",
+        f"train.max_steps={at}",
+        f"train.checkpoint_every={at}",
+        *FAST,
+        accelerate_config=ddp[before],
+    )
+    subprocess.run(first, cwd=ROOT, env=_env(samples / "a"), check=True, capture_output=True, timeout=900)
+    second = recipe_cmd(
+        "finetune_bert.py",
+        "bert_tiny.yaml",
+        f"train.output_dir={out}",
+        "train.max_steps=null",
+        "train.resume_from_checkpoint=latest",
+        *FAST,
+        accelerate_config=ddp[after],
+    )
+    proc = subprocess.run(
+        second, cwd=ROOT, env=_env(samples / "b"), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    seen = collections.Counter(row for d in ("a", "b") for r in _records(samples / d) for row in r["rows"])
+    again = at * 16 * before % (16 * after)
+    assert not (epoch_rows - seen), f"{before}->{after} at {at}: samples skipped"
+    extra = seen - epoch_rows
+    assert sum(extra.values()) == again, (before, after, at, extra)
+    if again:
+        assert f"the first {again} of the next one are trained on a second time" in proc.stdout
+    print(f"\n{before} -> {after} processes at step {at}: {sum(seen.values())} rows trained, {again} twice")
 
 
 # ----------------------------------------------------------------------------------------------------
