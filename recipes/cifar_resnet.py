@@ -26,7 +26,8 @@ from shardwise.configfile import parse_args
 from shardwise.data.images import ImageDataConfig, ImageTensorDataset, load_images, make_loader
 from shardwise.errors import did_you_mean, exit_on_error
 from shardwise.models import ResNetConfig, resnet18
-from shardwise.train.loop import read_history, record_config, resume, run_training, start_run
+from shardwise.train.checkpoint import resume_point
+from shardwise.train.loop import record_config, resume, run_training, start_run
 from shardwise.train.metrics import Metrics, PeakMemory, optimizer_state_bytes, plot_curves
 from shardwise.train.plan import batches_per_process, plan_steps
 from shardwise.train.sections import TrainConfig
@@ -192,7 +193,14 @@ def main(cfg: Config) -> RunResult:
     spec = choice.resolve()
     params = param_groups(model, spec.weight_decay) if choice.no_decay_norm_and_bias else model.parameters()
     optimizer = make_optimizer(spec, params, impl=choice.impl)
-    plan = plan_steps(batches_per_process(train_dl, accelerator.num_processes), cfg.train)
+    start = resume_point(out, cfg.train.resume_from_checkpoint)  # the plan counts the data left
+    global_micro = cfg.train.batch_size * accelerator.num_processes
+    plan = plan_steps(
+        batches_per_process(train_dl, accelerator.num_processes),
+        cfg.train,
+        (start.step, start.position),
+        global_micro,
+    )
     schedule = cfg.schedule
     scheduler = get_scheduler(
         schedule.name, optimizer, schedule.warmup_steps, num_training_steps=plan.total_steps
@@ -207,11 +215,10 @@ def main(cfg: Config) -> RunResult:
     model, optimizer, train_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, test_dl, scheduler
     )
-    start = resume(accelerator, out, cfg.train.resume_from_checkpoint)
     metrics = Metrics(accelerator)
-    if start.checkpoint is not None:  # the curves so far travel with the checkpoint
-        metrics.history = read_history(start.checkpoint)
-        say(f"resumed from {start.checkpoint} at step {start.step}")
+    resume(accelerator, start, metrics)  # model, optimizer, schedule, RNG, data position, curves
+    if start.path is not None:
+        say(f"resumed from {start.path} at step {start.step}")
     record_config(accelerator, cfg, out, "cifar_resnet")
 
     # ---------------------------------------------------------------------------------------- eval
@@ -243,6 +250,7 @@ def main(cfg: Config) -> RunResult:
         accelerator, model, train_dl, optimizer, scheduler, plan, cfg.train,
         evaluate=evaluate, metrics=metrics, output_dir=out, loss_fn=loss_fn, eval_at_steps={early_step},
         start_step=start.step, skipped_steps=start.skipped_steps, seconds_before=start.train_seconds,
+        position=start.position,
     )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- save

@@ -26,6 +26,7 @@ from shardwise.data.text import CausalLMDataConfig, load_causal_lm
 from shardwise.errors import exit_on_error
 from shardwise.models.pretrained import PretrainedModelConfig, save_pretrained
 from shardwise.train.accel import configure_deepspeed, is_deepspeed
+from shardwise.train.checkpoint import resume_point
 from shardwise.train.loop import final_metrics, record_config, report, resume, run_training, start_run
 from shardwise.train.metrics import Metrics
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
@@ -95,7 +96,17 @@ def main(cfg: Config) -> dict:
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
-    plan = plan_steps(batches_per_process(train_dl, accelerator.num_processes), cfg.train)
+    # per-process batches: accelerate splits the global batch list evenly over the processes
+    # "latest" / "auto" (fresh when there is none) / a path: the step, counters and data position it
+    # continues from (the plan counts the steps its remaining data takes on this number of processes)
+    start = resume_point(out, cfg.train.resume_from_checkpoint)
+    global_micro = cfg.train.batch_size * accelerator.num_processes
+    plan = plan_steps(
+        batches_per_process(train_dl, accelerator.num_processes),
+        cfg.train,
+        (start.step, start.position),
+        global_micro,
+    )
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, plan.total_steps)
     say(f"optimizer: {describe_optimizer(optimizer, cfg.optimizer)}")
     say(f"schedule: {plan.total_steps} steps ({plan.updates_per_epoch}/epoch, {plan.epochs} epochs)")
@@ -104,9 +115,10 @@ def main(cfg: Config) -> dict:
         model, optimizer, train_dl, eval_dl, scheduler
     )
 
-    start = resume(accelerator, out, cfg.train.resume_from_checkpoint)
-    if start.checkpoint is not None:
-        say(f"resumed from {start.checkpoint} at step {start.step} (lr {scheduler.get_last_lr()[0]:.3g})")
+    metrics = Metrics(accelerator)
+    resume(accelerator, start, metrics)  # model, optimizer, schedule, RNG, data position, curves
+    if start.path is not None:
+        say(f"resumed from {start.path} at step {start.step} (lr {scheduler.get_last_lr()[0]:.3g})")
     record_config(accelerator, cfg, out, "finetune_gpt")
 
     # -------------------------------------------------------------------------------------- eval
@@ -128,7 +140,6 @@ def main(cfg: Config) -> dict:
     # one iteration per optimizer update (accumulation, clipping, LR schedule, divergence guard), the
     # train loss every log_every steps, evaluate() every eval_every steps (default: each epoch),
     # checkpoints, and a last evaluation of the final weights: shardwise.train.loop.run_training
-    metrics = Metrics(accelerator)
     model.train()
     result = run_training(
         accelerator,
@@ -143,6 +154,8 @@ def main(cfg: Config) -> dict:
         output_dir=out,
         start_step=start.step,
         skipped_steps=start.skipped_steps,
+        seconds_before=start.train_seconds,
+        position=start.position,
     )
 
     # ------------------------------------------------------------------------------------ samples

@@ -11,6 +11,9 @@ its ``hint`` says what to do. ``exit_on_error`` turns one into::
     hint: ...
 
 on stderr and exit code 2 (no traceback). Any other exception is a bug and keeps its traceback.
+A subclass may set ``exit_code`` / ``label`` (``shardwise.train.preempt.Stopped``: ``stopped:``,
+exit 75) and ``once`` (printed by rank 0 only). Ctrl-C outside the training loop prints one line and
+exits 130.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from collections.abc import Iterable
 
 EXIT_CODE = 2  # argparse's code for bad usage: the run cannot succeed as configured
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention: Ctrl-C outside the training loop
 
 
 class ShardwiseError(Exception):
@@ -69,10 +73,17 @@ def exit_on_error():
         yield
     except ShardwiseError as e:
         rank = int(os.environ.get("RANK", "0"))
+        code = getattr(e, "exit_code", EXIT_CODE)
+        if rank and getattr(e, "once", False):  # every rank raised it at the same point: rank 0 speaks
+            raise SystemExit(code) from None
         prefix = f"[rank {rank}] " if rank else ""
-        lines = [f"{prefix}error: {e}"]
+        lines = [f"{prefix}{getattr(e, 'label', 'error')}: {e}"]
         if getattr(e, "hint", None):
             lines.append(f"{prefix}hint: {e.hint}")
         sys.stdout.flush()
         print("\n".join(lines), file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_CODE) from None
+        raise SystemExit(code) from None
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, a graceful stop)
+        sys.stdout.flush()
+        print("\ninterrupted (SIGINT): no checkpoint written by this stop", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None

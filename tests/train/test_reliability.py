@@ -185,6 +185,7 @@ def test_invalid_values_are_config_errors(tmp_path):
 
 
 def test_run_training_loss_hook_extra_evals_and_resume_state(tmp_path):
+    from shardwise.train.checkpoint import resume_point
     from shardwise.train.loop import read_history, resume, run_training
     from shardwise.train.metrics import Metrics
 
@@ -213,6 +214,9 @@ def test_run_training_loss_hook_extra_evals_and_resume_state(tmp_path):
         0,
         2,
     ]  # saved before the final eval
-    start = resume(acc, tmp_path, "latest")
-    assert (start.checkpoint, start.step, start.skipped_steps) == (ckpt, 6, 0)
+    start = resume_point(tmp_path, "latest")
+    assert (start.path, start.step, start.skipped_steps) == (ckpt, 6, 0)
     assert 0 < start.train_seconds <= result.train_seconds
+    resumed_metrics = Metrics(acc)
+    resume(acc, start, resumed_metrics)  # loads the state and continues the curves
+    assert resumed_metrics.history == read_history(ckpt)

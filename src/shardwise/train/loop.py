@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from .accel import describe, make_accelerator
-from .checkpoint import check_output_dir, find_checkpoint, load_checkpoint, read_progress, save_checkpoint
-from .plan import StepPlan
+from .checkpoint import Resumed, check_output_dir, load_checkpoint, save_checkpoint
+from .plan import DataCursor, DataPosition, StepPlan
+from .preempt import StopOnSignal, stopped_error, write_stop_record
 from .sections import TrainConfig
 from .update import model_loss, optimizer_steps
 
@@ -59,24 +59,13 @@ def record_config(accelerator, cfg, out: Path, name: str) -> None:
     accelerator.init_trackers(name, config=flat_config(cfg))  # no-op when report_to is []
 
 
-class Resumed(NamedTuple):
-    """Where a run starts: a fresh run (``checkpoint`` None) or the counts a checkpoint carries."""
-
-    checkpoint: Path | None = None
-    step: int = 0
-    skipped_steps: int = 0
-    train_seconds: float = 0.0
-
-
-def resume(accelerator, output_dir: Path, spec: str | None) -> Resumed:
-    """Load the checkpoint ``spec`` names (``train.resume_from_checkpoint``: "latest" or a folder) into
-    the prepared objects; a fresh start when ``spec`` is None."""
-    if spec is None:
-        return Resumed()
-    path = find_checkpoint(output_dir, spec)
-    step = load_checkpoint(accelerator, path)
-    meta = read_progress(path).get("meta", {})
-    return Resumed(path, step, meta.get("skipped_steps", 0), meta.get("train_seconds", 0.0))
+def resume(accelerator, start: Resumed, metrics) -> None:
+    """Load the checkpoint :func:`~shardwise.train.checkpoint.resume_point` found (none: a fresh run)
+    into the prepared objects, and continue its metric history so the curves keep the earlier steps."""
+    if start.path is None:
+        return
+    load_checkpoint(accelerator, start.path)
+    metrics.history = read_history(start.path)
 
 
 def final_metrics(metrics, result: TrainResult, started: float) -> dict:
@@ -142,6 +131,7 @@ def run_training(
     seconds_before: float = 0.0,
     loss_fn: Callable = model_loss,
     eval_at_steps: Collection[int] = (),
+    position: DataPosition | None = None,
 ) -> TrainResult:
     """The training loop of the recipes, one iteration per optimizer update.
 
@@ -154,8 +144,13 @@ def run_training(
     weights. ``metrics`` is a :class:`~shardwise.train.metrics.Metrics`; ``loss_fn(model, batch)``
     computes a micro-batch's loss (default: the transformers model's own ``.loss``).
 
-    Resuming: ``start_step``, ``skipped_steps`` and ``seconds_before`` carry a resumed run's counts
-    (each checkpoint stores the last two in its ``meta``, the metric history in ``history.json``).
+    Resuming: ``start_step``, ``skipped_steps``, ``seconds_before`` and ``position`` carry a resumed
+    run's counts (each checkpoint stores the last three in its ``meta``, the metric history in
+    ``history.json``); :func:`shardwise.train.checkpoint.resume_point` reads them back.
+
+    Preemption: a signal of ``train.stop_signals`` on any process stops every process after the same
+    optimizer step, which is checkpointed; then :class:`~shardwise.train.preempt.Stopped` is raised
+    (exit code 75 under ``exit_on_error``). See :mod:`shardwise.train.preempt`.
     """
     say = accelerator.print
     bar = progress(plan.total_steps, start_step, "train", accelerator.is_main_process and train.progress)
@@ -170,31 +165,65 @@ def run_training(
     step, window, last_eval_step = start_step, [], -1  # window: per-update losses since the last log
     if start_step == 0 and 0 in extra_evals:
         log_evaluation(0)
-    for step, epoch, loss, skipped in optimizer_steps(
-        accelerator, model, train_dl, optimizer, scheduler, plan, train, start_step, loss_fn
-    ):
-        bar.update(1)
-        if skipped:  # non-finite loss or gradients: the optimizer left everything untouched
-            skipped_steps += 1
-            say(f"\nstep {step}: non-finite loss or gradients, update skipped ({skipped_steps} so far)")
-        else:
-            window.append(loss)
-        if due(step, train.log_every) or step == plan.total_steps:
-            mean = torch.stack(window).mean() if window else torch.tensor(float("nan"), device=loss.device)
-            train_loss = accelerator.reduce(mean, "mean").item()  # over processes
-            lr = scheduler.get_last_lr()[0]
-            values = {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch}
-            metrics.log(step, {**values, "train/skipped_steps": skipped_steps})
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped_steps)
-            window.clear()
-        if due(step, train.eval_every or plan.updates_per_epoch) or step in extra_evals:
-            log_evaluation(step)
-            last_eval_step = step
-        if due(step, train.checkpoint_every) and not skipped:
-            seconds = seconds_before + time.perf_counter() - started
-            meta = {"skipped_steps": skipped_steps, "train_seconds": seconds}
-            history = {HISTORY: metrics.history}
-            save_checkpoint(accelerator, output_dir, step, train.keep_last, meta=meta, extra_files=history)
+
+    def checkpoint(step: int, data: DataPosition | None) -> Path:
+        seconds = seconds_before + time.perf_counter() - started
+        meta = {"skipped_steps": skipped_steps, "train_seconds": seconds}
+        if data is not None:  # the samples consumed: a resume on any number of processes continues there
+            meta["data"] = {"epoch": data.epoch, "samples": data.samples}
+        history = {HISTORY: metrics.history}
+        return save_checkpoint(accelerator, output_dir, step, train.keep_last, meta=meta, extra_files=history)
+
+    cursor = DataCursor(position)  # optimizer_steps keeps it at the samples consumed
+    updates = optimizer_steps(
+        accelerator, model, train_dl, optimizer, scheduler, plan, train, start_step, loss_fn, cursor
+    )
+    with StopOnSignal(train.stop_signals, accelerator) as stop:
+        for step, epoch, loss, skipped in updates:
+            bar.update(1)
+            if skipped:  # non-finite loss or gradients: the optimizer left everything untouched
+                skipped_steps += 1
+                say(f"\nstep {step}: non-finite loss or gradients, update skipped ({skipped_steps} so far)")
+            else:
+                window.append(loss)
+            if due(step, train.log_every) or step == plan.total_steps:
+                mean = (
+                    torch.stack(window).mean() if window else torch.tensor(float("nan"), device=loss.device)
+                )
+                train_loss = accelerator.reduce(mean, "mean").item()  # over processes
+                lr = scheduler.get_last_lr()[0]
+                values = {"train/loss": train_loss, "train/lr": lr, "train/epoch": epoch}
+                metrics.log(step, {**values, "train/skipped_steps": skipped_steps})
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped_steps)
+                window.clear()
+            # a scheduled evaluation still runs at the stop step: it draws from the RNG (its data-loader
+            # iterator's seed), so skipping it would change a resumed run's dropout masks
+            if due(step, train.eval_every or plan.updates_per_epoch) or step in extra_evals:
+                log_evaluation(step)
+                last_eval_step = step
+            stopping = step < plan.total_steps and stop.agreed(accelerator.device)  # collective, every step
+            step_end = time.monotonic()
+            if stopping:
+                bar.close()
+                stop.saving = True  # later signals: acknowledged, the save goes on
+            saved = None
+            if due(step, train.checkpoint_every) and not skipped:
+                saved = checkpoint(step, cursor.position)
+            if stopping:
+                saved = saved or checkpoint(step, cursor.position)
+                error = stopped_error(
+                    signal_name=stop.signal_name(),
+                    step=step,
+                    total=plan.total_steps,
+                    checkpoint=saved,
+                    seconds=time.monotonic() - (stop.first_at or step_end),
+                    save_seconds=time.monotonic() - step_end,
+                )
+                if accelerator.is_main_process:
+                    record = {"step": step, "signal": stop.signal_name(), "checkpoint": str(saved)}
+                    write_stop_record({**record, "exit_code": error.exit_code})
+                accelerator.end_training()  # flush the trackers
+                raise error
     bar.close()
     if last_eval_step != step:  # always finish with an evaluation of the final weights
         metrics.log(step, evaluate())

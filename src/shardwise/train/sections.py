@@ -94,7 +94,8 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     checkpoint_every: int | None = None  # optimizer steps; None = no intermediate checkpoints
     keep_last: int = 2  # checkpoints kept on disk (oldest deleted first)
-    # "latest" = newest checkpoint under output_dir/checkpoints, or a checkpoint directory
+    # "latest" = newest checkpoint under output_dir/checkpoints; "auto" = latest when there is one,
+    # else a fresh start (one command for the first start and every requeue); or a checkpoint folder
     resume_from_checkpoint: str | None = None
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = at the end of every epoch
@@ -111,6 +112,9 @@ class TrainConfig:
     # a rank blocked in a collective (another rank died or hangs) fails after this long instead of
     # torch's 30 minutes; keep it above the longest checkpoint save
     collective_timeout_s: float = 600.0
+    # signals that stop the run gracefully: finish the optimizer step (all processes agree on it), save
+    # a checkpoint, exit 75 (shardwise.train.preempt); [] keeps Python's default handling
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
     def __post_init__(self) -> None:
         at_least_one = ("epochs", "batch_size", "grad_accum_steps", "keep_last", "log_every")
@@ -129,6 +133,13 @@ class TrainConfig:
             raise ValueError(f"collective_timeout_s must be a finite number > 0, got {timeout}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        import signal
+
+        for name in self.stop_signals:
+            key = name.strip().upper()
+            key = key if key.startswith("SIG") else f"SIG{key}"
+            if key not in signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"stop_signals: {name!r} is not a signal that can be caught (e.g. SIGTERM)")
 
     def eval_batch(self) -> int:
         """The evaluation batch size per process: no gradients are kept, so twice the training one."""

@@ -15,7 +15,7 @@ from shardwise.errors import DivergenceError
 
 from . import faults
 from .accel import is_deepspeed
-from .plan import StepPlan
+from .plan import DataCursor, DataPosition, StepPlan
 from .rng import restore_rng_after_first_batch, rng_state
 from .sections import TrainConfig
 
@@ -69,6 +69,7 @@ def optimizer_steps(
     train: TrainConfig,
     start_step: int = 0,
     loss_fn=model_loss,
+    cursor: DataCursor | None = None,
 ):
     """Run the training micro-batches; yield an :class:`Update` ``(step, epoch, loss, skipped)`` after
     every optimizer update.
@@ -86,12 +87,37 @@ def optimizer_steps(
     the optimizer (``skip_nonfinite``) skips on every rank alike. The update still counts as a step
     (the data and the schedule move on). After ``train.max_consecutive_skips`` skipped updates in a row
     this raises :class:`DivergenceError` with the remedies, before yielding, so no checkpoint of that
-    state is written.
+    state is written. Under DeepSpeed the engine skips a non-finite step itself (before the optimizer
+    sees it; the global gradient norm it all-reduces makes every rank agree), as accelerate's fp16
+    GradScaler does; the guard counts those skips (``step_was_skipped``), except a gradient overflow
+    under fp16 loss scaling with a finite loss: that is the loss scaler calibrating (it halves the
+    scale), not a divergence.
+
+    ``cursor.position`` (a resumed checkpoint's :class:`DataPosition`) places the resume in samples,
+    right for any number of processes; without it (older checkpoints) the position is derived from
+    ``start_step`` in this world's micro-batches. After each update ``cursor.position`` holds the
+    samples consumed so far (what a checkpoint stores).
     """
     clip = train.max_grad_norm is not None and not is_deepspeed(accelerator)
     guarded = find_skipping_optimizer(optimizer)
     nan = torch.tensor(float("nan"), device=accelerator.device)
-    start_epoch, skip = plan.position(start_step, train.grad_accum_steps)
+    global_micro = getattr(train_dl, "total_batch_size", None) or train.batch_size * accelerator.num_processes
+    dataset_len = len(train_dl.dataset)
+    cursor = cursor if cursor is not None else DataCursor()
+    position = cursor.position
+    if position is not None and start_step > 0:
+        start_epoch, skip, again = position.resume(global_micro)
+        if again:
+            accelerator.print(
+                f"resume: {position.samples} samples of epoch {start_epoch} were consumed; with "
+                f"{global_micro} samples per global micro-batch the first {again} of the next one are "
+                "trained on a second time (none skipped)"
+            )
+    else:
+        start_epoch, skip = plan.position(start_step, train.grad_accum_steps)
+    # DeepSpeed's engine and accelerate's fp16 GradScaler skip non-finite steps before our optimizer runs
+    wrapper_skips = hasattr(optimizer, "step_was_skipped")
+    fp16 = accelerator.mixed_precision == "fp16"
     # the RNG state load_state restored, for the iterator of a resumed, already started epoch
     resumed_rng = rng_state() if skip else None
     step, streak = start_step, 0
@@ -103,10 +129,11 @@ def optimizer_steps(
         if epoch == start_epoch and skip:
             rest = accelerator.skip_first_batches(train_dl, skip)
             batches = restore_rng_after_first_batch(rest, resumed_rng)
-        total, n = 0.0, 0
+        total, n, done = 0.0, 0, skip if epoch == start_epoch else 0  # done: this epoch's micro-batches
         skipped_before = guarded.skipped_steps if guarded is not None else 0
         for batch in batches:
             faults.maybe_raise(step + 1, accelerator.process_index)
+            faults.record_batch(batch, step + 1, accelerator.process_index)
             with accelerator.accumulate(model):
                 loss = loss_fn(model, batch)
                 if faults.nan_loss(step + 1, accelerator.process_index):
@@ -118,7 +145,7 @@ def optimizer_steps(
                     accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            total, n = total + loss.detach().float(), n + 1
+            total, n, done = total + loss.detach().float(), n + 1, done + 1
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()  # once per update: make_accelerator sets step_scheduler_with_optimizer=False
@@ -128,9 +155,14 @@ def optimizer_steps(
                 skipped_before = guarded.skipped_steps
             else:  # an optimizer without the guard (torch.optim.SGD): notice, though the update was applied
                 skipped = not bool(torch.isfinite(total))
+            if wrapper_skips and not skipped and optimizer.step_was_skipped:  # skipped by the wrapper
+                skipped = not fp16 or not bool(
+                    torch.isfinite(total)
+                )  # fp16: a finite loss = scaler calibrating
             streak = streak + 1 if skipped else 0
             if streak >= train.max_consecutive_skips:
                 raise divergence_error(step, streak, optimizer, train)
+            cursor.position = DataPosition.after(epoch, done, global_micro, dataset_len)
             yield Update(step, epoch, total / n, skipped)
             total, n = 0.0, 0
             if step >= plan.total_steps:
