@@ -26,10 +26,19 @@ from shardwise.data.text import CausalLMDataConfig, load_causal_lm
 from shardwise.errors import exit_on_error
 from shardwise.models.pretrained import PretrainedModelConfig, save_pretrained
 from shardwise.train.accel import configure_deepspeed, is_deepspeed
-from shardwise.train.loop import final_metrics, record_config, report, resume, run_training, start_run
+from shardwise.train.loop import (
+    final_metrics,
+    read_history,
+    record_config,
+    report,
+    resume,
+    run_training,
+    start_run,
+)
 from shardwise.train.metrics import Metrics
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
 from shardwise.train.plan import batches_per_process, plan_steps
+from shardwise.train.preflight import preflight
 from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
@@ -60,6 +69,7 @@ def main(cfg: Config) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
     t_start = time.perf_counter()
+    preflight(cfg)  # model, data files, lengths, precision, trackers, resume: fail before any work
     accelerator, out = start_run(cfg.train, "finetune_gpt")
     set_seed(cfg.train.seed)
     say = accelerator.print
@@ -129,6 +139,8 @@ def main(cfg: Config) -> dict:
     # train loss every log_every steps, evaluate() every eval_every steps (default: each epoch),
     # checkpoints, and a last evaluation of the final weights: shardwise.train.loop.run_training
     metrics = Metrics(accelerator)
+    if start.checkpoint is not None:  # the curves so far travel with the checkpoint
+        metrics.history = read_history(start.checkpoint)
     model.train()
     result = run_training(
         accelerator,

@@ -22,6 +22,9 @@ import sys
 from collections.abc import Iterable
 
 EXIT_CODE = 2  # argparse's code for bad usage: the run cannot succeed as configured
+# set by ``python -m shardwise.launch``: each rank writes its error lines to RANK.err there instead of
+# stderr, and the wrapper prints the first failing rank's once
+ERROR_DIR_ENV = "SHARDWISE_ERROR_DIR"
 
 
 class ShardwiseError(Exception):
@@ -63,16 +66,25 @@ def exit_on_error():
     """Run a recipe's ``main``; a :class:`ShardwiseError` prints ``error: ...`` (+ hint) and exits 2.
 
     With several processes every rank prints (a rank-specific error must not be lost); ranks other
-    than 0 prefix their rank so the duplicate lines of a shared error are recognisable.
+    than 0 prefix their rank so the duplicate lines of a shared error are recognisable. Under
+    ``python -m shardwise.launch`` (``SHARDWISE_ERROR_DIR`` set) the lines go to ``rankR.err`` in that
+    folder instead, and the wrapper prints the first failing rank's once.
     """
     try:
         yield
     except ShardwiseError as e:
         rank = int(os.environ.get("RANK", "0"))
-        prefix = f"[rank {rank}] " if rank else ""
+        folder = os.environ.get(ERROR_DIR_ENV)
+        prefix = f"[rank {rank}] " if rank and not folder else ""
         lines = [f"{prefix}error: {e}"]
         if getattr(e, "hint", None):
             lines.append(f"{prefix}hint: {e.hint}")
         sys.stdout.flush()
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        if folder and os.path.isdir(folder):
+            tmp = os.path.join(folder, f".rank{rank}.tmp")
+            with open(tmp, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(tmp, os.path.join(folder, f"rank{rank}.err"))  # whole, or not there
+        else:
+            print("\n".join(lines), file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CODE) from None
