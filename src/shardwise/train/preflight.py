@@ -68,8 +68,8 @@ def check_launch(train: TrainConfig) -> None:
             )
     if env_flag("ACCELERATE_USE_FSDP") and not cuda:
         raise ConfigError(
-            "the accelerate config asks for FSDP, which accelerate runs on GPUs only (on CPU it would "
-            "silently fall back to DDP)",
+            "the accelerate config asks for FSDP, which accelerate runs on GPUs only (on CPU it "
+            "silently falls back to DDP)",
             hint="on CPU use configs/accelerate/cpu_ddp.yaml or a DeepSpeed config; fsdp2.yaml on GPUs",
         )
 
