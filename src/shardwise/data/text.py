@@ -121,13 +121,22 @@ def load_raw(dataset: str, name: str | None, data_files: DataFiles | None, **kwa
         ) from None
 
 
-def _check_text_file(path: str, key: str) -> str:
-    """The file's text: refused (DataError) when empty or not UTF-8."""
-    raw = Path(path).read_bytes()
+CHECK_BYTES = 16 << 20  # the checks read this much of each file (a big corpus is sampled, not read)
+
+
+def _check_text_file(path: str, key: str) -> tuple[str, bool]:
+    """The file's text (its first CHECK_BYTES, cut at a line end): refused (DataError) when empty or
+    not UTF-8."""
+    import codecs
+
+    with open(path, "rb") as f:
+        raw = f.read(CHECK_BYTES)
+        truncated = bool(f.read(1))
     if not raw.strip():
         raise DataError(f"{key}: {path} is empty", hint="point it at a file with data")
     try:
-        return raw.decode("utf-8")
+        text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not truncated)
+        return (text[: text.rfind("\n") + 1] if truncated else text), truncated
     except UnicodeDecodeError as e:
         what = "a binary file" if b"\0" in raw[:4096] else "not UTF-8 text"
         raise DataError(
@@ -136,7 +145,7 @@ def _check_text_file(path: str, key: str) -> str:
         ) from None
 
 
-def _csv_header(path: str, key: str, text: str) -> list[str]:
+def _csv_header(path: str, key: str, text: str, truncated: bool = False) -> list[str]:
     """The CSV's header; every row must parse (strict quoting) and have the header's field count."""
     import csv
     import io
@@ -152,6 +161,8 @@ def _csv_header(path: str, key: str, text: str) -> list[str]:
                     hint='quote fields that hold commas or line breaks ("like, this")',
                 )
     except csv.Error as e:
+        if truncated and "unexpected end of data" in str(e):
+            return header  # the sample ends inside a quoted field that goes on in the file
         raise DataError(
             f"{key}: {path} is not valid CSV (line {reader.line_num}: {e})",
             hint='quote fields that hold commas or line breaks ("like, this"); double inner quotes',
@@ -163,7 +174,11 @@ def _csv_labels(path: str, text: str, column: str) -> list[str]:
     import csv
     import io
 
-    return [row[column] for row in csv.DictReader(io.StringIO(text, newline=""))]
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return [v for row in rows if isinstance(v := row.get(column), str)]
+    except csv.Error:  # a sample cut inside a quoted field (_csv_header checked the rest)
+        return []
 
 
 def check_data_files(cfg, *, label_column: str | None = None) -> None:
@@ -179,10 +194,10 @@ def check_data_files(cfg, *, label_column: str | None = None) -> None:
             if any(c in path for c in "*?[") or "://" in path or Path(path).is_dir():
                 continue
             key = f"data.data_files.{split}"
-            text = _check_text_file(path, key)
+            text, truncated = _check_text_file(path, key)
             if cfg.dataset != "csv":
                 continue
-            header = _csv_header(path, key, text)
+            header = _csv_header(path, key, text, truncated)
             first = next(iter(headers.items()), None)
             if first is not None and header != first[1]:
                 raise DataError(
