@@ -56,6 +56,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # through a proxy: a direct connect says nothing; let huggingface_hub try
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
