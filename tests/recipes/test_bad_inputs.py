@@ -200,3 +200,26 @@ def test_two_processes_one_error_line_exit_2(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: model.config_overrides.hiden_dropout_prob")
     assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_a_bug_keeps_its_traceback_and_exit_code(tmp_path):
+    """A failure that is not a ShardwiseError (here an injected RuntimeError on rank 1 at step 3) is a
+    bug: python -m shardwise.launch holds nothing back and returns the launcher's own exit code."""
+    cmd = [
+        sys.executable, "-m", "shardwise.launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port", str(free_port()),
+        str(ROOT / "recipes" / "finetune_bert.py"),
+        "--config", str(ROOT / "configs" / "recipes" / "bert_tiny.yaml"),
+        f"train.output_dir={tmp_path / 'run'}", "train.collective_timeout_s=30", *FAST,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "SHARDWISE_TEST_FAULTS": "raise_at=3,raise_rank=1",
+    }
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 2), output[-3000:]
+    assert "Traceback" in output and "injected failure on rank 1 at step 3" in output, output[-3000:]
