@@ -246,7 +246,8 @@ def apply_overrides(
             child = node.get(p)
             if child is None:
                 # a key inside a mapping-valued field (data.data_files.train=...) keeps the field's
-                # other default keys (the default test file) instead of replacing the whole mapping
+                # other default keys (the default test file) instead of replacing the whole mapping;
+                # likewise a section the file does not set starts from its default values
                 default = _default_mapping(cls, parts[: i + 1]) if cls is not None else None
                 child = node[p] = dict(default or {})
             elif not isinstance(child, dict):
@@ -257,8 +258,9 @@ def apply_overrides(
 
 
 def _default_mapping(cls: type, parts: list[str]) -> dict | None:
-    """The default value at the dotted path ``parts`` of ``cls`` when it is a mapping, else None
-    (a parent's ``default_factory`` wins over the child class's own defaults)."""
+    """The default value at the dotted path ``parts`` of ``cls`` as a mapping when it is a mapping or
+    a section, else None (a parent's ``default_factory`` wins over the child class's own defaults:
+    ``model.config_overrides.x=1`` without a ``model`` section keeps the recipe's default model)."""
     tp: Any = cls
     obj: Any = dataclasses.MISSING
     for p in parts:
@@ -272,7 +274,7 @@ def _default_mapping(cls: type, parts: list[str]) -> dict | None:
         if obj is dataclasses.MISSING or obj is None:
             return None
         tp = type(obj)
-    return to_dict(obj) if isinstance(obj, dict) else None
+    return to_dict(obj) if isinstance(obj, dict) or dataclasses.is_dataclass(obj) else None
 
 
 def _check_path(cls: type, parts: list[str]) -> None:

@@ -177,6 +177,12 @@ def test_data_files_override_keeps_the_other_splits():
     bert = _recipe("finetune_bert")
     cfg = load_config(bert.Config, None, ["data.data_files.train=/my/train.csv"])
     assert cfg.data.data_files == {"train": "/my/train.csv", "test": "assets:data/reuters-r8/test.csv"}
+    # likewise a section the file does not set keeps the recipe's defaults for it (GPT: preset llm,
+    # lr 1e-4; BERT: the MiniLM model), instead of the section class's own
+    cfg = load_config(_recipe("finetune_gpt").Config, None, ["optimizer.state_bits=8"])
+    assert (cfg.optimizer.preset, cfg.optimizer.lr, cfg.optimizer.state_bits) == ("llm", 1e-4, 8)
+    cfg = load_config(bert.Config, None, ["model.config_overrides.hidden_dropout_prob=0.2"])
+    assert cfg.model.name_or_path == "assets:models/all-MiniLM-L6-v2"
 
 
 @pytest.mark.slow
