@@ -30,6 +30,7 @@ from shardwise.train.checkpoint import resume_point
 from shardwise.train.loop import record_config, resume, run_training, start_run
 from shardwise.train.metrics import Metrics, PeakMemory, optimizer_state_bytes, plot_curves
 from shardwise.train.plan import batches_per_process, plan_steps
+from shardwise.train.preflight import preflight
 from shardwise.train.sections import TrainConfig
 
 
@@ -168,6 +169,7 @@ def main(cfg: Config) -> RunResult:
 
     from shardwise.optim import param_groups
 
+    preflight(cfg)  # precision, trackers, resume: fail before any work
     accelerator, out = start_run(cfg.train, f"cifar_resnet {cfg.optimizer.label}")
     say, choice = accelerator.print, cfg.optimizer
 

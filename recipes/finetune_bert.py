@@ -29,6 +29,7 @@ from shardwise.train.loop import final_metrics, record_config, report, resume, r
 from shardwise.train.metrics import Metrics
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
 from shardwise.train.plan import batches_per_process, plan_steps
+from shardwise.train.preflight import preflight
 from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
@@ -64,6 +65,7 @@ def main(cfg: Config) -> dict:
     )
 
     t_start = time.perf_counter()
+    preflight(cfg)  # model, data files, lengths, precision, trackers, resume: fail before any work
     accelerator, out = start_run(cfg.train, "finetune_bert")
     set_seed(cfg.train.seed)
     say = accelerator.print

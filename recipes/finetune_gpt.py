@@ -31,6 +31,7 @@ from shardwise.train.loop import final_metrics, record_config, report, resume, r
 from shardwise.train.metrics import Metrics
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
 from shardwise.train.plan import batches_per_process, plan_steps
+from shardwise.train.preflight import preflight
 from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
@@ -61,6 +62,7 @@ def main(cfg: Config) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
     t_start = time.perf_counter()
+    preflight(cfg)  # model, data files, lengths, precision, trackers, resume: fail before any work
     accelerator, out = start_run(cfg.train, "finetune_gpt")
     set_seed(cfg.train.seed)
     say = accelerator.print

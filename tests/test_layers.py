@@ -17,6 +17,7 @@ ALLOWED = {
     "data": {"errors"},
     "models": {"errors", "data"},  # data: the offline asset cache resolves model folders
     "train": {"errors", "configfile", "optim", "data", "models"},
+    "launch": {"errors"},  # python -m shardwise.launch: accelerate launch with one error line
 }
 
 

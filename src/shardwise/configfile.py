@@ -245,12 +245,36 @@ def apply_overrides(
         for i, p in enumerate(parts[:-1]):
             child = node.get(p)
             if child is None:
-                child = node[p] = {}
+                # a key inside a mapping-valued field (data.data_files.train=...) keeps the field's
+                # other default keys (the default test file) instead of replacing the whole mapping;
+                # likewise a section the file does not set starts from its default values
+                default = _default_mapping(cls, parts[: i + 1]) if cls is not None else None
+                child = node[p] = dict(default or {})
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _default_mapping(cls: type, parts: list[str]) -> dict | None:
+    """The default value at the dotted path ``parts`` of ``cls`` as a mapping when it is a mapping or
+    a section, else None (a parent's ``default_factory`` wins over the child class's own defaults:
+    ``model.config_overrides.x=1`` without a ``model`` section keeps the recipe's default model)."""
+    tp: Any = cls
+    obj: Any = dataclasses.MISSING
+    for p in parts:
+        if obj is not dataclasses.MISSING and dataclasses.is_dataclass(obj) and hasattr(obj, p):
+            obj = getattr(obj, p)
+        else:
+            if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)) or p not in _fields(tp):
+                return None
+            f = _fields(tp)[p][0]
+            obj = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if obj is dataclasses.MISSING or obj is None:
+            return None
+        tp = type(obj)
+    return to_dict(obj) if isinstance(obj, dict) or dataclasses.is_dataclass(obj) else None
 
 
 def _check_path(cls: type, parts: list[str]) -> None:

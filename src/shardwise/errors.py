@@ -26,6 +26,9 @@ from collections.abc import Iterable
 
 EXIT_CODE = 2  # argparse's code for bad usage: the run cannot succeed as configured
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention: Ctrl-C outside the training loop
+# set by ``python -m shardwise.launch``: each rank writes its error lines to RANK.err there instead of
+# stderr, and the wrapper prints the first failing rank's once
+ERROR_DIR_ENV = "SHARDWISE_ERROR_DIR"
 
 
 class ShardwiseError(Exception):
@@ -67,7 +70,9 @@ def exit_on_error():
     """Run a recipe's ``main``; a :class:`ShardwiseError` prints ``error: ...`` (+ hint) and exits 2.
 
     With several processes every rank prints (a rank-specific error must not be lost); ranks other
-    than 0 prefix their rank so the duplicate lines of a shared error are recognisable.
+    than 0 prefix their rank so the duplicate lines of a shared error are recognisable. Under
+    ``python -m shardwise.launch`` (``SHARDWISE_ERROR_DIR`` set) the lines go to ``rankR.err`` in that
+    folder instead, and the wrapper prints the first failing rank's once.
     """
     try:
         yield
@@ -76,12 +81,21 @@ def exit_on_error():
         code = getattr(e, "exit_code", EXIT_CODE)
         if rank and getattr(e, "once", False):  # every rank raised it at the same point: rank 0 speaks
             raise SystemExit(code) from None
-        prefix = f"[rank {rank}] " if rank else ""
+        # a user error under the wrapper goes to its folder (printed once, exit 2); a stop (exit 75)
+        # is not an error of the run's setup and prints as usual
+        folder = os.environ.get(ERROR_DIR_ENV) if code == EXIT_CODE else None
+        prefix = f"[rank {rank}] " if rank and not folder else ""
         lines = [f"{prefix}{getattr(e, 'label', 'error')}: {e}"]
         if getattr(e, "hint", None):
             lines.append(f"{prefix}hint: {e.hint}")
         sys.stdout.flush()
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        if folder and os.path.isdir(folder):
+            tmp = os.path.join(folder, f".rank{rank}.tmp")
+            with open(tmp, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(tmp, os.path.join(folder, f"rank{rank}.err"))  # whole, or not there
+        else:
+            print("\n".join(lines), file=sys.stderr, flush=True)
         raise SystemExit(code) from None
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, a graceful stop)
         sys.stdout.flush()

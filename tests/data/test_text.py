@@ -91,3 +91,20 @@ def test_missing_asset_names_make_assets(tmp_path, monkeypatch):
     with pytest.raises(AssetsMissing, match="make assets"):
         resolve("assets:data/nothing.csv")
     assert resolve("google-bert/bert-base-uncased") == "google-bert/bert-base-uncased"
+
+
+def test_check_data_files_samples_a_big_file(tmp_path, monkeypatch):
+    """Only the first CHECK_BYTES are checked; a sample cut inside a quoted multi-line field or a
+    multi-byte character is not an error, a float label inside the sample is."""
+    import shardwise.data.text as text
+    from shardwise.data.text import ClassificationDataConfig, check_data_files
+    from shardwise.errors import DataError
+
+    monkeypatch.setattr(text, "CHECK_BYTES", 64)
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\n" + "".join(f'"line {i}, ünï\nmore",{i % 3}\n' for i in range(100)))
+    cfg = ClassificationDataConfig(data_files={"train": str(path)})
+    check_data_files(cfg, label_column="label")
+    path.write_text("text,label\n" + "".join(f'"line {i}",{i % 3}.5\n' for i in range(100)))
+    with pytest.raises(DataError, match="is a float"):
+        check_data_files(cfg, label_column="label")

@@ -99,7 +99,7 @@ def test_bad_values_data_and_output_dir(tmp_path, capsys):
     assert "optimizer.warmup_steps=20 is not below the run's 8 optimizer steps" in err
     # data: a missing column, labels out of range, an empty split
     err = _main_error(capsys, out, "data.text_column=body")
-    assert "data.text_column: column 'body' not in the data set ('train' split)" in err
+    assert "data.text_column: column 'body' not in " in err and "train.csv; it has ['label', 'text']" in err
     files = f"data.data_files={{train: {_csv(tmp_path / 'neg.csv', [('a', 0), ('b', 1), ('c', -1)] * 8)}}}"
     err = _main_error(capsys, out, files, "data.eval_split=train")
     assert "labels out of range in the 'train' split: [-1]" in err and "unlabeled test split" in err

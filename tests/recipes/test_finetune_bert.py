@@ -118,10 +118,13 @@ def test_resume_is_exact(tmp_path):
         proc = run(recipe_cmd("finetune_bert.py", "bert_tiny.yaml", *overrides, *common))
         assert f"at step {start}" in proc.stdout
         b = {r["step"]: r for r in metrics(resumed)["history"] if "train/loss" in r}
-        assert sorted(b) == list(range(start + 1, 9))
+        assert sorted(b) == list(range(1, 9))  # the steps before the checkpoint travel with it
         assert [(b[s]["train/loss"], b[s]["train/lr"]) for s in b] == [
             (a[s]["train/loss"], a[s]["train/lr"]) for s in b
         ]
+        # metrics.json (and curves.png, drawn from it) continue the history: the same records
+        assert metrics(resumed)["history"] == metrics(full)["history"]
+        assert (resumed / "curves.png").is_file()
         assert metrics(resumed)["final"]["steps"] == 8
 
 
@@ -151,8 +154,10 @@ def test_bad_override_fails_with_key_and_hint(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_on_cpu_fails_loudly(tmp_path):
-    """accelerate ignores its FSDP plugin on CPU (it would silently run DDP): the recipe refuses."""
+    """accelerate ignores its FSDP plugin on CPU (it would silently run DDP): the recipe refuses, in one
+    line, before the process group starts."""
     import subprocess
+    import sys
 
     from ..helpers import ROOT
 
@@ -164,7 +169,11 @@ def test_fsdp_on_cpu_fails_loudly(tmp_path):
         accelerate_config="fsdp2.yaml",
     )
     cmd[cmd.index("--config_file") + 2 : cmd.index("--config_file") + 2] = ["--num_processes", "2"]
-    assert "--main_process_port" in cmd
+    assert "--main_process_port" in cmd and cmd[1] == "launch"
+    cmd[:2] = [sys.executable, "-m", "shardwise.launch"]  # one error line, exit 2 (not one per rank)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "silently falls back to DDP" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    errors = [ln for ln in output.splitlines() if "error: " in ln]
+    assert len(errors) == 1 and "silently falls back to DDP" in errors[0], output[-3000:]
+    assert "Traceback" not in output, output[-3000:]

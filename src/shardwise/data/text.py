@@ -13,7 +13,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from shardwise.errors import DataError
+from shardwise.errors import DataError, did_you_mean
 
 from .assets import AssetsMissing, resolve
 
@@ -119,6 +119,117 @@ def load_raw(dataset: str, name: str | None, data_files: DataFiles | None, **kwa
             f"data.dataset={dataset!r} could not be loaded: {e}",
             hint="the data files are empty" if empty else "check data.dataset, data.name, data.data_files",
         ) from None
+
+
+CHECK_BYTES = 16 << 20  # the checks read this much of each file (a big corpus is sampled, not read)
+
+
+def _check_text_file(path: str, key: str) -> tuple[str, bool]:
+    """The file's text (its first CHECK_BYTES, cut at a line end): refused (DataError) when empty or
+    not UTF-8."""
+    import codecs
+
+    with open(path, "rb") as f:
+        raw = f.read(CHECK_BYTES)
+        truncated = bool(f.read(1))
+    if not raw.strip():
+        raise DataError(f"{key}: {path} is empty", hint="point it at a file with data")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not truncated)
+        return (text[: text.rfind("\n") + 1] if truncated else text), truncated
+    except UnicodeDecodeError as e:
+        what = "a binary file" if b"\0" in raw[:4096] else "not UTF-8 text"
+        raise DataError(
+            f"{key}: {path} is {what} (byte {e.start}: {raw[e.start : e.start + 1]!r})",
+            hint="convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix the path",
+        ) from None
+
+
+def _csv_header(path: str, key: str, text: str, truncated: bool = False) -> list[str]:
+    """The CSV's header; every row must parse (strict quoting) and have the header's field count."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataError(
+                    f"{key}: {path} line {reader.line_num} has {len(row)} fields, the header "
+                    f"{len(header)} ({header})",
+                    hint='quote fields that hold commas or line breaks ("like, this")',
+                )
+    except csv.Error as e:
+        if truncated and "unexpected end of data" in str(e):
+            return header  # the sample ends inside a quoted field that goes on in the file
+        raise DataError(
+            f"{key}: {path} is not valid CSV (line {reader.line_num}: {e})",
+            hint='quote fields that hold commas or line breaks ("like, this"); double inner quotes',
+        ) from None
+    return header
+
+
+def _csv_labels(path: str, text: str, column: str) -> list[str]:
+    import csv
+    import io
+
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return [v for row in rows if isinstance(v := row.get(column), str)]
+    except csv.Error:  # a sample cut inside a quoted field (_csv_header checked the rest)
+        return []
+
+
+def check_data_files(cfg, *, label_column: str | None = None) -> None:
+    """Check local ``csv`` / ``text`` data files before anything expensive runs: readable, non-empty,
+    UTF-8, parseable CSV, the same columns in every split, the configured columns present, and
+    classification labels that are class ids or names (a float label is refused). A DataError names
+    the key and the file. Hub data sets and other builders are left to ``datasets``."""
+    if cfg.dataset not in ("csv", "text") or not cfg.data_files:
+        return
+    headers: dict[str, list[str]] = {}
+    for split, paths in _resolve_files(cfg.data_files).items():
+        for path in paths if isinstance(paths, list) else [paths]:
+            if any(c in path for c in "*?[") or "://" in path or Path(path).is_dir():
+                continue
+            key = f"data.data_files.{split}"
+            text, truncated = _check_text_file(path, key)
+            if cfg.dataset != "csv":
+                continue
+            header = _csv_header(path, key, text, truncated)
+            first = next(iter(headers.items()), None)
+            if first is not None and header != first[1]:
+                raise DataError(
+                    f"{key}: {path} has columns {header}, the {first[0]!r} split {first[1]}",
+                    hint="every split needs the same columns (set each of data.data_files.* explicitly)",
+                )
+            headers.setdefault(split, header)
+            columns = {"text_column": cfg.text_column, "label_column": label_column}
+            columns["text_pair_column"] = getattr(cfg, "text_pair_column", None)
+            for name, col in columns.items():
+                if col is not None and col not in header:
+                    raise DataError(
+                        f"data.{name}: column {col!r} not in {path}; it has {header}"
+                        f"{did_you_mean(col, header)}"
+                    )
+            if label_column is not None:
+                _check_labels(_csv_labels(path, text, label_column), f"{key}: {path}", label_column)
+
+
+def _check_labels(values: list[str], where: str, column: str) -> None:
+    """Class ids (integers) or class names; a number with a fraction is a regression target."""
+    for value in values:
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if not number.is_integer() or any(c in value for c in ".eE"):
+            raise DataError(
+                f"{where}: label {value!r} in column {column!r} is a float; classification needs "
+                "integer class ids or class names",
+                hint="round / bin the values into classes, or use a regression recipe",
+            )
 
 
 def _split(ds, split: str, what: str):

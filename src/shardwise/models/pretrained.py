@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardwise.data.assets import resolve
+from shardwise.data.assets import PREFIX, resolve
+from shardwise.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -39,6 +41,105 @@ class PretrainedModelConfig:
         if self.model_type is not None:
             return AutoConfig.for_model(self.model_type, **extra, **self.config_overrides)
         return AutoConfig.from_pretrained(resolve(self.name_or_path), **extra, **self.config_overrides)
+
+
+def looks_like_path(name: str) -> bool:
+    """A local folder rather than a hub id ("org/name" or "name"): absolute, ./ ../ ~, 2+ slashes."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds (no HTTP, no retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # through a proxy: a direct connect says nothing; let huggingface_hub try
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_model_source(name: str, key: str = "model.name_or_path") -> None:
+    """Fail at once (ConfigError) when ``name`` cannot be loaded: an asset not in the cache, a local
+    folder that does not exist or holds no ``config.json``, a hub id not in the local hub cache while
+    offline (``HF_HUB_OFFLINE=1``, or the hub does not answer a 3 s connect) -- instead of a traceback
+    after transformers' retries."""
+    if name.startswith(PREFIX):
+        resolve(name)  # AssetsMissing (a ShardwiseError) says to run `make assets`
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            raise ConfigError(
+                f"{key}={name!r}: the folder holds no config.json (not a saved transformers model)",
+                hint="point it at a folder written by save_pretrained (e.g. <output_dir>/model)",
+            )
+        return
+    if looks_like_path(name) or path.exists():
+        raise ConfigError(
+            f"{key}={name!r}: no such folder",
+            hint="fix the path (relative paths are from the directory you run in), or give a hub id",
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # in the local hub cache: loads offline
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true")
+    if offline or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} is unreachable"
+        raise ConfigError(
+            f"{key}={name!r}: offline ({why}) and the model is not in the local hub cache",
+            hint="use an offline asset (assets:models/all-MiniLM-L6-v2, `make assets`) or a local folder, "
+            "or download the model once with network access",
+        )
+
+
+def model_config_class(cfg: PretrainedModelConfig):
+    """The transformers config (without overrides) the model is built from: cheap, JSON only."""
+    from transformers import AutoConfig
+
+    if cfg.model_type is not None:
+        try:
+            return AutoConfig.for_model(cfg.model_type)
+        except ValueError as e:
+            raise ConfigError(f"model.model_type={cfg.model_type!r}: {e}") from None
+    return AutoConfig.from_pretrained(resolve(cfg.name_or_path))
+
+
+def check_config_overrides(cfg: PretrainedModelConfig, base=None):
+    """Every ``model.config_overrides`` key must be a field of the model's config class (a typo such as
+    ``hiden_dropout_prob`` would be stored and ignored). Returns the config with the overrides."""
+    import inspect
+
+    base = model_config_class(cfg) if base is None else base
+    valid = set(base.to_dict()) | set(getattr(base, "attribute_map", {}))
+    for klass in type(base).__mro__:
+        if "__init__" in vars(klass):
+            valid |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
+    for key in cfg.config_overrides:
+        if key not in valid:
+            raise ConfigError(
+                f"model.config_overrides.{key}: not a field of {type(base).__name__}"
+                f"{did_you_mean(key, sorted(valid))}",
+                hint=f"see the fields of {type(base).__name__} (transformers) or config.json",
+            )
+    return base
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence the model's position embeddings allow (BERT: max_position_embeddings,
+    GPT-2: n_positions), or None when the architecture has no such limit."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def save_pretrained(accelerator, model, tokenizer, model_dir: Path) -> None:

@@ -39,8 +39,10 @@ def make_accelerator(train: TrainConfig, project_dir: str, *, with_trackers: boo
     handlers = (
         [InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl", timeout=timeout)] if distributed else []
     )
-    if on_cpu and train.mixed_precision == "fp16":
-        raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    if on_cpu and train.mixed_precision == "fp16":  # (the recipes' preflight says so earlier)
+        from shardwise.errors import ConfigError
+
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU", hint="on CPU use bf16 or no")
     accelerator = Accelerator(
         cpu=on_cpu and not deepspeed,
         mixed_precision=train.mixed_precision,
