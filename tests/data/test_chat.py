@@ -122,6 +122,13 @@ def test_overlong_conversations_error_truncate_or_drop(tmp_path, tok):
     train, _ = load_chat(ChatDataConfig(data_files=files, max_length=120, overlong="truncate"), tok)
     assert len(train) == 2 and len(train[1]["input_ids"]) <= 120
     assert train[1]["labels"][-2] == tok.eos_token_id  # cut after a whole assistant turn (+ its <|im_end|>)
+    # exactly the longest prefix of whole turns that fits, tokenized on its own
+    fits = [
+        e
+        for k in (2, 4, 6, 8)
+        if len((e := tokenize_conversation(tok, _long_chat(10)[:k]))["input_ids"]) <= 120
+    ]
+    assert train[1] == fits[-1]
     train, _ = load_chat(ChatDataConfig(data_files=files, max_length=120, overlong="drop"), tok)
     assert len(train) == 1
 
@@ -309,3 +316,27 @@ def test_grad_accumulation_1x8_equals_4x2():
     ref = [p.grad.clone() for p in model.parameters()]
     for a, r in zip(step_grads(2), ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
+
+
+def test_chitchat_asset_build_from_a_wheel(tmp_path):
+    """The asset's build step on a wheel-shaped zip: JSONL splits in the messages format, LICENSE kept."""
+    import zipfile
+
+    from shardwise.data.assets import ASSETS
+
+    u = lambda text, s: {"text": text, "sender": s, "timestamp": "t"}
+    chats = {f"id{i:02d}": {"messages": [[u(f"q{i}", "a")], [u(f"r{i}", "b")]]} for i in range(40)}
+    chats["lonely"] = {"messages": [[u("hello?", "a")]]}
+    wheel = tmp_path / "chitchat_dataset-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("chitchat_dataset/dataset.json", json.dumps(chats))
+        zf.writestr("chitchat_dataset-0.9.0.dist-info/LICENSE", "MIT License")
+    out = tmp_path / "data" / "chitchat"
+    ASSETS["chitchat"].build(wheel, out)
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
+    assert (
+        len(train) + len(val) == 40 and len(val) == 2
+    )  # the one-sender chat is dropped; every 20th held out
+    assert train[0]["messages"] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"}]
+    assert (out / "LICENSE").read_text() == "MIT License"

@@ -131,9 +131,8 @@ def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     )
 
 
-def assistant_char_spans(tokenizer, messages: list[dict[str, str]], where: str = "conversation"):
-    """(full rendered text, [(start, end) character span of each assistant message incl. its end text])."""
-    full = _render(tokenizer, messages)
+def _assistant_spans(tokenizer, messages, full: str, limit: int, where: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant messages (incl. the template's end text) that end by ``limit``."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -152,8 +151,10 @@ def assistant_char_spans(tokenizer, messages: list[dict[str, str]], where: str =
                 hint="use a template whose rendering of messages[:i] is a prefix of the whole (most are), "
                 "or one with {% generation %} markers",
             )
+        if len(upto) > limit:
+            break
         spans.append((len(before), len(upto)))
-    return full, spans
+    return spans
 
 
 def _cut_after_end_of_turn(ids: list[int], labels: list[int], end_ids: set[int]) -> None:
@@ -180,16 +181,56 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids | ({im_end} if im_end is not None else set())
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], where: str = "conversation") -> dict:
-    """``input_ids`` of the rendered conversation and ``labels`` (-100 except assistant turns + EOT)."""
-    full, spans = assistant_char_spans(tokenizer, messages, where)
+class OverlongConversation(DataError):
+    """A conversation has more tokens than ``data.max_length`` (and truncation is off)."""
+
+
+def tokenize_conversation(
+    tokenizer,
+    messages: list[dict[str, str]],
+    where: str = "conversation",
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> dict | None:
+    """``input_ids`` of the rendered conversation and ``labels`` (-100 except assistant turns + EOT).
+
+    A conversation longer than ``max_length`` raises :class:`OverlongConversation`, or with
+    ``truncate`` is cut after its last assistant turn that fits (None when not even the first fits).
+    """
+    full = _render(tokenizer, messages)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    for t, (a, b) in enumerate(enc["offset_mapping"]):
-        if b > a and any(s <= a and b <= e for s, e in spans):
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    limit = len(full)
+    if max_length is not None and len(ids) > max_length:
+        if not truncate:
+            raise OverlongConversation(
+                f"{where}: the conversation has {len(ids)} tokens, more than data.max_length={max_length}",
+                hint="raise data.max_length, or set data.overlong=truncate (keep the turns that fit) "
+                "or data.overlong=drop",
+            )
+        limit = offsets[max_length - 1][1]  # characters covered by the first max_length tokens
+    spans = _assistant_spans(tokenizer, messages, full, limit, where)
+    n = len(ids)
+    if limit < len(full):  # truncated: keep the tokens up to the end of the last assistant turn that fits
+        if not spans:
+            return None
+        cut = spans[-1][1]
+        n = bisect.bisect_right([b for _, b in offsets], cut)
+        if n < len(ids) and offsets[n][0] < cut:
+            raise DataError(f"{where}: no token boundary after assistant turn ending at character {cut}")
+        ids = ids[:n]
+    labels = [IGNORE_INDEX] * n
+    j = 0
+    for t in range(n):  # tokens and spans are both sorted: one merge pass
+        a, b = offsets[t]
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        if j == len(spans) or b <= a:
+            continue
+        s, e = spans[j]
+        if s <= a and b <= e:
             labels[t] = ids[t]
-        elif b > a and any(a < s < b or a < e < b for s, e in spans):
+        elif a < s < b or a < e < b:
             raise DataError(
                 f"{where}: token {t} ({full[a:b]!r}) straddles an assistant turn's boundary",
                 hint="the chat template should put a special token or newline between turns",
@@ -198,38 +239,21 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], where: str 
     return {"input_ids": ids, "labels": labels}
 
 
-def _fit(tokenizer, messages, max_length: int, where: str) -> dict | None:
-    """The longest prefix ending with an assistant turn that fits in ``max_length`` (None if none)."""
-    ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
-    lo, hi, best = 0, len(ends) - 1, None
-    while lo <= hi:  # token count grows with the prefix: binary search
-        mid = (lo + hi) // 2
-        enc = tokenize_conversation(tokenizer, messages[: ends[mid]], where)
-        if len(enc["input_ids"]) <= max_length:
-            best, lo = enc, mid + 1
-        else:
-            hi = mid - 1
-    return best
-
-
 def encode_conversations(rows: Sequence[Any], tokenizer, cfg: ChatDataConfig, split: str) -> dict:
-    """Validate and tokenize a batch of ``messages`` values: columns input_ids, labels, num_tokens."""
+    """Validate and tokenize ``(row, messages)`` pairs: columns input_ids, labels (dropped rows left out)."""
     out: dict[str, list] = {"input_ids": [], "labels": []}
     for row, messages in rows:
         where = f"data split {split!r}, row {row}"
         messages = validate_messages(messages, where)
-        enc = tokenize_conversation(tokenizer, messages, where)
-        if len(enc["input_ids"]) > cfg.max_length:
+        truncate = cfg.overlong == "truncate"
+        try:
+            enc = tokenize_conversation(tokenizer, messages, where, cfg.max_length, truncate)
+        except OverlongConversation:
             if cfg.overlong == "error":
-                raise DataError(
-                    f"{where}: the conversation has {len(enc['input_ids'])} tokens, more than "
-                    f"data.max_length={cfg.max_length}",
-                    hint="raise data.max_length, or set data.overlong=truncate (keep the turns that fit) "
-                    "or data.overlong=drop",
-                )
-            enc = _fit(tokenizer, messages, cfg.max_length, where) if cfg.overlong == "truncate" else None
-            if enc is None:
-                continue
+                raise
+            continue
+        if enc is None:  # truncate: not even the first assistant turn fits
+            continue
         if all(x == IGNORE_INDEX for x in enc["labels"]):
             continue
         out["input_ids"].append(enc["input_ids"])
