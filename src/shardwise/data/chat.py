@@ -177,8 +177,10 @@ def _cut_after_end_of_turn(ids: list[int], labels: list[int], end_ids: set[int])
 def end_of_turn_ids(tokenizer) -> set[int]:
     """Token ids that end an assistant turn: the EOS token (``<|im_end|>`` for ChatML templates)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    return ids | ({im_end} if im_end is not None else set())
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")  # get_vocab() would copy the whole vocabulary
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return ids
 
 
 class OverlongConversation(DataError):
@@ -191,11 +193,13 @@ def tokenize_conversation(
     where: str = "conversation",
     max_length: int | None = None,
     truncate: bool = False,
+    end_ids: set[int] | None = None,
 ) -> dict | None:
     """``input_ids`` of the rendered conversation and ``labels`` (-100 except assistant turns + EOT).
 
     A conversation longer than ``max_length`` raises :class:`OverlongConversation`, or with
     ``truncate`` is cut after its last assistant turn that fits (None when not even the first fits).
+    ``end_ids``: :func:`end_of_turn_ids` (computed once by a caller that tokenizes many conversations).
     """
     full = _render(tokenizer, messages)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -235,19 +239,20 @@ def tokenize_conversation(
                 f"{where}: token {t} ({full[a:b]!r}) straddles an assistant turn's boundary",
                 hint="the chat template should put a special token or newline between turns",
             )
-    _cut_after_end_of_turn(ids, labels, end_of_turn_ids(tokenizer))
+    _cut_after_end_of_turn(ids, labels, end_ids if end_ids is not None else end_of_turn_ids(tokenizer))
     return {"input_ids": ids, "labels": labels}
 
 
 def encode_conversations(rows: Sequence[Any], tokenizer, cfg: ChatDataConfig, split: str) -> dict:
     """Validate and tokenize ``(row, messages)`` pairs: columns input_ids, labels (dropped rows left out)."""
     out: dict[str, list] = {"input_ids": [], "labels": []}
+    end_ids = end_of_turn_ids(tokenizer)
     for row, messages in rows:
         where = f"data split {split!r}, row {row}"
         messages = validate_messages(messages, where)
         truncate = cfg.overlong == "truncate"
         try:
-            enc = tokenize_conversation(tokenizer, messages, where, cfg.max_length, truncate)
+            enc = tokenize_conversation(tokenizer, messages, where, cfg.max_length, truncate, end_ids)
         except OverlongConversation:
             if cfg.overlong == "error":
                 raise
