@@ -14,6 +14,7 @@ from shardwise.data.chat import (
     ChatDataConfig,
     PackedChatCollator,
     PaddedChatCollator,
+    batch_token_loss,
     block_causal_mask,
     count_target_tokens,
     load_chat,
@@ -300,8 +301,7 @@ def test_grad_accumulation_1x8_equals_4x2():
         batches = [collate(convs[i : i + micro_batches]) for i in range(0, 8, micro_batches)]
         n_step = sum(count_target_tokens(b["labels"]) for b in batches)  # all-reduced over ranks in the loop
         for b in batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum, _ = token_loss(logits, b["labels"])
+            loss_sum, _ = batch_token_loss(model, b)
             step_loss(loss_sum, n_step).backward()
         return [p.grad.clone() for p in model.parameters()]
 

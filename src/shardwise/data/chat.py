@@ -327,7 +327,7 @@ def pack(ds, max_length: int, seed: int = 0):
 
     bins = pack_bins([len(x) for x in ds["input_ids"]], max_length)
     random.Random(seed).shuffle(bins)
-    ids_col, labels_col = ds["input_ids"], ds["labels"]
+    ids_col, labels_col = list(ds["input_ids"]), list(ds["labels"])  # python lists: fast row access
     rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
     for b in bins:
         ids, labels, pos = [], [], []
@@ -474,3 +474,13 @@ def step_loss(loss_sum: torch.Tensor, step_tokens: torch.Tensor | int, world_siz
     factor ``world_size``, which makes the summed gradient exactly that of ``L``.
     """
     return loss_sum * world_size / torch.as_tensor(step_tokens, dtype=loss_sum.dtype).clamp_min(1)
+
+
+def batch_token_loss(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward a collated batch without its labels; :func:`token_loss` of the logits against them.
+
+    The labels stay out of the model call so that the model does not compute (and average) a loss of
+    its own; the caller normalizes the sum with :func:`step_loss`.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return token_loss(model(**inputs).logits, batch["labels"])
