@@ -272,6 +272,24 @@ def test_packing_without_the_mask_would_leak():
     assert not torch.allclose(torch.cat(_per_token_losses(model, leaky)), good)
 
 
+def test_position_ids_path_needs_the_cache_off():
+    """transformers skips packed-sequence detection when a KV cache exists, and Llama's config has
+    use_cache=True (even in train mode): without the collator's use_cache=False the rows would leak."""
+    from datasets import Dataset
+
+    if packed_attention_path() != "position_ids":
+        pytest.skip("this transformers does not detect packed sequences from position_ids")
+    model = _tiny_llama()
+    assert model.config.use_cache
+    convs = _conversations(6)
+    ds = Dataset.from_dict({k: [c[k] for c in convs] for k in ("input_ids", "labels")})
+    batch = PackedChatCollator(pad_token_id=0, attention="position_ids")(list(pack(ds, 40)))
+    assert batch["use_cache"] is False
+    good = torch.cat(_per_token_losses(model, batch))
+    no_flag = {k: v for k, v in batch.items() if k != "use_cache"}
+    assert not torch.allclose(torch.cat(_per_token_losses(model.train(), no_flag)), good)
+
+
 # ----------------------------------------------------------------------------------------------------
 # token-count loss
 

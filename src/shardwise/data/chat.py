@@ -23,7 +23,9 @@ conversation through one of two paths (:func:`packed_attention_path`):
   derives the sequence boundaries from ``position_ids`` (``masking_utils.find_packed_sequence_indices``)
   and builds the block-diagonal causal mask for eager / SDPA, or calls flash-attention's varlen kernel
   (``cu_seqlens``) when ``attn_implementation="flash_attention_2"``. The model must run with
-  ``use_cache=False`` (a cache disables the detection): the collator puts it in the batch.
+  ``use_cache=False``: a cache disables the detection, Llama's config has ``use_cache=True`` even in
+  train mode, and the rows would then silently attend across conversations (a test checks it). The
+  collator puts ``use_cache=False`` in the batch; a loop that builds its own batches must do the same.
 - ``"4d"`` (older transformers): the collator builds the block-diagonal causal mask itself,
   ``attention_mask`` of shape (batch, 1, L, L), which eager and SDPA accept as is.
 
