@@ -223,9 +223,17 @@ def _per_token_losses(model, batch):
     return [losses[r][batch["labels"][r, 1:] != IGNORE_INDEX] for r in range(losses.shape[0])]
 
 
-@pytest.mark.parametrize("attention", ["position_ids", "4d"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_batch_matches_conversations_one_by_one(attention, attn):
+@pytest.mark.parametrize(
+    ("attention", "attn", "flatten"),
+    [
+        ("position_ids", "sdpa", False),
+        ("position_ids", "eager", False),
+        ("position_ids", "sdpa", True),  # one padding-free row: the layout flash-attention's varlen needs
+        ("4d", "sdpa", False),
+        ("4d", "eager", False),
+    ],
+)
+def test_packed_batch_matches_conversations_one_by_one(attention, attn, flatten):
     from datasets import Dataset
 
     if attention == "position_ids" and packed_attention_path() != "position_ids":
@@ -240,22 +248,23 @@ def test_packed_batch_matches_conversations_one_by_one(attention, attn):
     packed = pack(ds, max_length=40, seed=1)
     assert len(packed) < len(convs)
     mask_dtype = torch.float64 if (attention, attn) == ("4d", "eager") else None  # eager adds the mask
-    batch = PackedChatCollator(pad_token_id=0, attention=attention, mask_dtype=mask_dtype)(list(packed))
-    assert batch["input_ids"].shape[0] == len(packed)
-    got = _per_token_losses(model, batch)
-    # split every packed row back into its conversations (positions restart at 0)
-    n_checked = 0
-    for r, row in enumerate(packed):
-        losses, start = got[r], 0
+    collate = PackedChatCollator(pad_token_id=0, attention=attention, mask_dtype=mask_dtype, flatten=flatten)
+    batch = collate(list(packed))
+    assert batch["input_ids"].shape[0] == (1 if flatten else len(packed))
+    if flatten:
+        assert batch["input_ids"].shape[1] == sum(len(r) for r in packed["input_ids"])  # no padding
+    got = torch.cat(_per_token_losses(model, batch))  # targets in row order; padding has none
+    # walk the packed rows' conversations (positions restart at 0) in the same order
+    start, n_checked = 0, 0
+    for row in packed:
         ids, pos = row["input_ids"], row["position_ids"]
         bounds = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
         for a, b in zip(bounds, bounds[1:]):
             expected = ref_by_conv[tuple(ids[a:b])]
-            torch.testing.assert_close(losses[start : start + len(expected)], expected, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(got[start : start + len(expected)], expected, rtol=1e-9, atol=1e-9)
             start += len(expected)
             n_checked += 1
-        assert start == len(losses)  # the padding tail and boundaries contribute no targets
-    assert n_checked == len(convs)
+    assert start == len(got) and n_checked == len(convs)  # boundaries and padding contribute no targets
 
 
 def test_packing_without_the_mask_would_leak():
@@ -358,3 +367,19 @@ def test_chitchat_asset_build_from_a_wheel(tmp_path):
     )  # the one-sender chat is dropped; every 20th held out
     assert train[0]["messages"] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"}]
     assert (out / "LICENSE").read_text() == "MIT License"
+
+
+def test_config_section_is_strict_and_picks_the_collator(tok):
+    from shardwise.config import ConfigError, from_dict
+    from shardwise.data.chat import chat_collator
+
+    cfg = from_dict(ChatDataConfig, {"max_length": 256, "packing": True, "overlong": "truncate"})
+    assert cfg.data_files["train"] == "assets:data/chitchat/train.jsonl"
+    with pytest.raises(ConfigError, match="did you mean 'packing'"):
+        from_dict(ChatDataConfig, {"packign": True})
+    with pytest.raises(ConfigError, match="overlong.*did you mean 'truncate'"):
+        from_dict(ChatDataConfig, {"overlong": "truncat"})
+    assert isinstance(chat_collator(ChatDataConfig(), tok), PaddedChatCollator)
+    assert not chat_collator(cfg, tok, "sdpa").flatten
+    assert chat_collator(cfg, tok, "flash_attention_2").flatten
+    assert chat_collator(cfg, tok).pad_token_id == tok.pad_token_id

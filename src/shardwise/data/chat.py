@@ -19,15 +19,17 @@ tokens; ``position_ids`` restart at 0 for each conversation and the first token 
 is never a target, so no token is predicted from another conversation. Attention stays inside a
 conversation through one of two paths (:func:`packed_attention_path`):
 
-- ``"position_ids"`` (transformers >= 4.57 / 5.x): no ``attention_mask`` in the batch; transformers
+- ``"position_ids"`` (transformers 5.x; feature-detected): no ``attention_mask`` in the batch; transformers
   derives the sequence boundaries from ``position_ids`` (``masking_utils.find_packed_sequence_indices``)
   and builds the block-diagonal causal mask for eager / SDPA, or calls flash-attention's varlen kernel
   (``cu_seqlens``) when ``attn_implementation="flash_attention_2"``. The model must run with
   ``use_cache=False``: a cache disables the detection, Llama's config has ``use_cache=True`` even in
   train mode, and the rows would then silently attend across conversations (a test checks it). The
   collator puts ``use_cache=False`` in the batch; a loop that builds its own batches must do the same.
+  Flash attention takes that path only for a batch of ONE row: the flash collator flattens the
+  batch into one padding-free row (``PackedChatCollator(flatten=True)``).
 - ``"4d"`` (older transformers): the collator builds the block-diagonal causal mask itself,
-  ``attention_mask`` of shape (batch, 1, L, L), which eager and SDPA accept as is.
+  ``attention_mask`` of shape (batch, 1, L, L): boolean for SDPA, additive (``mask_dtype``) for eager.
 
 Loss. :func:`token_loss` returns the SUM of per-token cross-entropies over target tokens and their
 count. The mean over the assistant tokens of a whole optimizer step (all micro-batches, all processes)
@@ -414,8 +416,15 @@ class PackedChatCollator:
     attention: Literal["position_ids", "4d"] = field(default_factory=packed_attention_path)
     pad_to_multiple_of: int | None = None
     mask_dtype: torch.dtype | None = None  # "4d" only: None = bool (SDPA); a float dtype = additive
+    # all rows as ONE padding-free row (1, total): what flash-attention's varlen path needs
+    # (transformers uses it only for batch size 1); also correct, and padding-free, for SDPA / eager
+    flatten: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
+        if self.flatten:
+            features = [
+                {k: [x for f in features for x in f[k]] for k in ("input_ids", "labels", "position_ids")}
+            ]
         length = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -436,12 +445,26 @@ class PackedChatCollator:
         return batch
 
 
-def chat_collator(cfg: ChatDataConfig, tokenizer) -> Callable[[list[dict]], dict]:
-    """The collator for ``cfg.packing``; the pad id is the tokenizer's (else its EOS)."""
+def chat_collator(
+    cfg: ChatDataConfig, tokenizer, attn_implementation: str | None = None
+) -> Callable[[list[dict]], dict]:
+    """The collator for ``cfg.packing`` and the model's attention; pad id: the tokenizer's, else EOS.
+
+    Packed rows under flash attention are flattened into one row (its varlen kernel needs that);
+    under SDPA / eager they keep one row each, kept apart by the packed-sequence mask.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    return PackedChatCollator(pad) if cfg.packing else PaddedChatCollator(pad)
+    if not cfg.packing:
+        return PaddedChatCollator(pad)
+    flash = (attn_implementation or "").startswith("flash")
+    if flash and packed_attention_path() != "position_ids":
+        raise DataError(
+            "data.packing with flash attention needs transformers' packed-sequence support (5.x)",
+            hint="upgrade transformers, or use attn_implementation=sdpa",
+        )
+    return PackedChatCollator(pad, flatten=flash)
 
 
 # ----------------------------------------------------------------------------------------------------
