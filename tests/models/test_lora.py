@@ -127,3 +127,36 @@ def test_qlora_is_feature_detected():
         with pytest.raises(ConfigError, match="load_in_4bit=true: 4-bit QLoRA needs") as e:
             quantization_kwargs(LoraConfig(load_in_4bit=True))
         assert "load_in_4bit=false" in e.value.hint
+
+
+def test_shardwise_adamw_8bit_trains_only_the_adapters():
+    """The optimizer sees the adapters alone (param_groups takes trainable parameters), in 8-bit state."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardwise.optim import AdamW
+    from shardwise.optim.param_groups import param_groups
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=512, intermediate_size=512, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=64,
+    )  # fmt: skip
+    model = apply_lora(
+        LlamaForCausalLM(cfg), LoraConfig(r=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    groups = param_groups(model, weight_decay=0.01)
+    assert sum(len(g["params"]) for g in groups) == len(trainable_parameters(model)) == 4
+    opt = AdamW(groups, lr=1e-2, state_bits=8)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    state = opt.state[trainable_parameters(model)[0]]  # lora_A of q_proj: 8 x 512 = 4096 elements
+    assert state["exp_avg"].dtype == torch.int8 and state["exp_avg_sq"].dtype == torch.uint8  # 8-bit codes
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
