@@ -25,7 +25,7 @@ from shardwise.data.chat import (
     token_loss,
     tokenize_conversation,
 )
-from shardwise.train.errors import DataError
+from shardwise.errors import DataError
 
 SMOLLM = assets_dir() / "models" / "SmolLM2-135M-Instruct"
 
@@ -370,7 +370,7 @@ def test_chitchat_asset_build_from_a_wheel(tmp_path):
 
 
 def test_config_section_is_strict_and_picks_the_collator(tok):
-    from shardwise.config import ConfigError, from_dict
+    from shardwise.configfile import ConfigError, from_dict
     from shardwise.data.chat import chat_collator
 
     cfg = from_dict(ChatDataConfig, {"max_length": 256, "packing": True, "overlong": "truncate"})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardwise.config import ConfigError, from_dict
+from shardwise.configfile import ConfigError, from_dict
 from shardwise.models.lora import (
     LoraConfig,
     apply_lora,

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from shardwise.config import ConfigError
+from shardwise.errors import ConfigError
 
 
 @dataclass

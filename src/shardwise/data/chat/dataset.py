@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shardwise.train.errors import DataError
+from shardwise.errors import DataError
 
 from ..text import DataFiles, _split, _take, load_raw
 from .masking import (

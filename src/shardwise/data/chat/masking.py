@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from shardwise.train.errors import DataError
+from shardwise.errors import DataError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from shardwise.train.errors import DataError
+from shardwise.errors import DataError
 
 from .masking import IGNORE_INDEX
 
