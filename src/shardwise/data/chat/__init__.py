@@ -6,7 +6,7 @@ from any ``datasets.load_dataset`` source (hub name, or ``json`` over local JSON
 default is the chitchat-dataset asset). The pieces, in the order a recipe uses them::
 
     train, evals = load_chat(cfg.data, tokenizer, seed)          # dataset.py: validate, render, mask, pack
-    collate = chat_collator(cfg.data, tokenizer, attn_impl)      # packing.py: padded or packed batches
+    collate = chat_collator(cfg.data, tokenizer, attn_impl)      # dataset.py: padded or packed batches
     loss_sum, n = batch_token_loss(model, batch)                 # loss.py: sum and count of target tokens
     step_loss(loss_sum, n_step_all_ranks, world_size).backward()
 
@@ -16,7 +16,7 @@ default is the chitchat-dataset asset). The pieces, in the order a recipe uses t
 - ``loss.py``: the mean over the assistant tokens of a whole optimizer step, not of micro-batches.
 """
 
-from .dataset import ChatDataConfig, encode_conversations, load_chat
+from .dataset import ChatDataConfig, chat_collator, encode_conversations, load_chat
 from .loss import batch_token_loss, count_target_tokens, step_loss, token_loss
 from .masking import (
     IGNORE_INDEX,
@@ -31,7 +31,6 @@ from .packing import (
     PackedChatCollator,
     PaddedChatCollator,
     block_causal_mask,
-    chat_collator,
     pack,
     pack_bins,
     packed_attention_path,

@@ -1,8 +1,9 @@
-"""The chat data config section and its loader: ``messages`` rows -> tokenized (optionally packed) splits."""
+"""The chat data config section made real: ``messages`` rows -> tokenized (optionally packed) splits,
+and the collator that batches them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from .masking import (
     tokenize_conversation,
     validate_messages,
 )
-from .packing import pack
+from .packing import PackedChatCollator, PaddedChatCollator, pack, packed_attention_path
 
 
 @dataclass
@@ -108,4 +109,26 @@ def load_chat(cfg: ChatDataConfig, tokenizer, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# packing
+# the collator
+
+
+def chat_collator(
+    cfg: ChatDataConfig, tokenizer, attn_implementation: str | None = None
+) -> Callable[[list[dict]], dict]:
+    """The collator for ``cfg.packing`` and the model's attention; pad id: the tokenizer's, else EOS.
+
+    Packed rows under flash attention are flattened into one row (its varlen kernel needs that);
+    under SDPA / eager they keep one row each, kept apart by the packed-sequence mask.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    if not cfg.packing:
+        return PaddedChatCollator(pad)
+    flash = (attn_implementation or "").startswith("flash")
+    if flash and packed_attention_path() != "position_ids":
+        raise DataError(
+            "data.packing with flash attention needs transformers' packed-sequence support (5.x)",
+            hint="upgrade transformers, or use attn_implementation=sdpa",
+        )
+    return PackedChatCollator(pad, flatten=flash)

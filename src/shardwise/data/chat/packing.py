@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
-from shardwise.errors import DataError
-
 from .masking import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from .dataset import ChatDataConfig
 
 
 def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -175,25 +170,3 @@ class PackedChatCollator:
         else:
             batch["use_cache"] = False
         return batch
-
-
-def chat_collator(
-    cfg: ChatDataConfig, tokenizer, attn_implementation: str | None = None
-) -> Callable[[list[dict]], dict]:
-    """The collator for ``cfg.packing`` and the model's attention; pad id: the tokenizer's, else EOS.
-
-    Packed rows under flash attention are flattened into one row (its varlen kernel needs that);
-    under SDPA / eager they keep one row each, kept apart by the packed-sequence mask.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise DataError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    if not cfg.packing:
-        return PaddedChatCollator(pad)
-    flash = (attn_implementation or "").startswith("flash")
-    if flash and packed_attention_path() != "position_ids":
-        raise DataError(
-            "data.packing with flash attention needs transformers' packed-sequence support (5.x)",
-            hint="upgrade transformers, or use attn_implementation=sdpa",
-        )
-    return PackedChatCollator(pad, flatten=flash)
