@@ -64,6 +64,7 @@ def run_training(
     skipped_steps: int = 0,
     seconds_before: float = 0.0,
     loss_fn: Callable = model_loss,
+    count_targets: Callable | None = None,
     eval_at_steps: Collection[int] = (),
 ) -> TrainResult:
     """The training loop of the recipes, one iteration per optimizer update.
@@ -74,7 +75,10 @@ def run_training(
     weights, before the first update, so every curve starts from the baseline); a checkpoint every
     ``checkpoint_every`` steps, but only after a good update; and a last evaluation of the final
     weights. ``metrics`` is a :class:`~shardwise.train.metrics.Metrics`; ``loss_fn(model, batch)``
-    computes a micro-batch's loss (default: the transformers model's own ``.loss``).
+    computes a micro-batch's loss (default: the transformers model's own ``.loss``); with
+    ``count_targets(batch)`` it returns ``(sum, count)`` and an update's loss is the mean over all target
+    tokens of the update (all micro-batches, all processes): see
+    :func:`shardwise.train.update.optimizer_steps`.
 
     Resuming: ``start_step``, ``skipped_steps`` and ``seconds_before`` carry a resumed run's counts
     (each checkpoint stores the last two in its ``meta``, the metric history in ``history.json``).
@@ -93,7 +97,7 @@ def run_training(
     if start_step == 0 and 0 in extra_evals:
         log_evaluation(0)
     for step, epoch, loss, skipped in optimizer_steps(
-        accelerator, model, train_dl, optimizer, scheduler, plan, train, start_step, loss_fn
+        accelerator, model, train_dl, optimizer, scheduler, plan, train, start_step, loss_fn, count_targets
     ):
         bar.update(1)
         if skipped:  # non-finite loss or gradients: the optimizer left everything untouched
