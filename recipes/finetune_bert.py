@@ -23,7 +23,7 @@ from shardwise.configfile import parse_args, save_config
 from shardwise.data.assets import resolve
 from shardwise.data.text import ClassificationDataConfig, load_classification
 from shardwise.errors import exit_on_error
-from shardwise.models.pretrained import PretrainedModelConfig
+from shardwise.models.pretrained import PretrainedModelConfig, enable_gradient_checkpointing
 from shardwise.train.accel import configure_deepspeed, describe, make_accelerator
 from shardwise.train.checkpoint import (
     check_output_dir,
@@ -102,9 +102,13 @@ def main(cfg: Config) -> dict:
     }
     model_config = cfg.model.hf_config(**labels)
     if cfg.model.from_scratch:
-        model = AutoModelForSequenceClassification.from_config(model_config)
+        model = AutoModelForSequenceClassification.from_config(model_config, **cfg.model.load_kwargs())
     else:  # a fresh classification head on the pretrained encoder
-        model = AutoModelForSequenceClassification.from_pretrained(name, config=model_config)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, config=model_config, **cfg.model.load_kwargs()
+        )
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
@@ -168,6 +172,7 @@ def main(cfg: Config) -> dict:
         output_dir=out,
         start_step=start_step,
         skipped_steps=skipped_total,
+        eval_at_steps=(0,),  # the baseline: every curve starts at the initial weights
     )
 
     # -------------------------------------------------------------------------------------- save

@@ -23,9 +23,10 @@ import torch
 
 from shardwise.configfile import parse_args, save_config
 from shardwise.data.assets import resolve
+from shardwise.data.chat import batch_token_loss, count_target_tokens
 from shardwise.data.text import CausalLMDataConfig, load_causal_lm
 from shardwise.errors import exit_on_error
-from shardwise.models.pretrained import PretrainedModelConfig
+from shardwise.models.pretrained import PretrainedModelConfig, enable_gradient_checkpointing
 from shardwise.train.accel import configure_deepspeed, describe, is_deepspeed, make_accelerator
 from shardwise.train.checkpoint import (
     check_output_dir,
@@ -98,11 +99,13 @@ def main(cfg: Config) -> dict:
     if cfg.model.from_scratch:
         if model_config.vocab_size < len(tokenizer):
             model_config.vocab_size = len(tokenizer)
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(model_config, **cfg.model.load_kwargs())
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, config=model_config)
+        model = AutoModelForCausalLM.from_pretrained(name, config=model_config, **cfg.model.load_kwargs())
     if tokenizer.pad_token is None:  # generation pads; a decoder-only tokenizer often has no pad token
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
@@ -160,6 +163,11 @@ def main(cfg: Config) -> dict:
         output_dir=out,
         start_step=start_step,
         skipped_steps=skipped_total,
+        eval_at_steps=(0,),  # the baseline: every curve starts at the initial weights
+        # an update's loss is the mean over all its predicted tokens: blocks are equal, but the epoch's last
+        # micro-batch (and accumulation window) may be short and would otherwise weigh more per token
+        loss_fn=batch_token_loss,
+        count_targets=lambda batch: count_target_tokens(batch["labels"]),
     )
 
     # ------------------------------------------------------------------------------------ samples

@@ -27,6 +27,9 @@ import torch
 
 from shardwise.errors import ConfigError
 
+# checkpointing lives with model loading (every recipe); apply_lora turns it on the LoRA-compatible way
+from .pretrained import enable_gradient_checkpointing, is_checkpointing  # noqa: F401
+
 
 @dataclass
 class LoraConfig:
@@ -42,6 +45,8 @@ class LoraConfig:
     # QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only) and train adapters over it
     load_in_4bit: bool = False
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # besides the adapter: also save base + adapters merged into plain weights (loads without peft)
+    save_merged: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -97,29 +102,6 @@ def quantization_kwargs(cfg: LoraConfig | None) -> dict[str, Any]:
             bnb_4bit_compute_dtype=getattr(torch, cfg.bnb_4bit_compute_dtype),
         )
     }
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute activations in backward; with frozen embeddings (LoRA), make the inputs require grad.
-
-    Non-reentrant checkpointing (``use_reentrant=False``) is what works with frozen inputs and DDP;
-    ``enable_input_require_grads`` also covers reentrant checkpointing, where a checkpointed block
-    whose inputs do not require grad would otherwise get no gradient at all.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
-    model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
-
-
-def is_checkpointing(model) -> bool:
-    """Whether activation (gradient) checkpointing is on, under either transformers name."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    flag = getattr(base, "is_activation_checkpointing", None)
-    return bool(flag) if flag is not None else bool(base.is_gradient_checkpointing)
 
 
 def apply_lora(model, cfg: LoraConfig, *, gradient_checkpointing: bool = False):
