@@ -17,7 +17,7 @@ default is the chitchat-dataset asset). The pieces, in the order a recipe uses t
 """
 
 from .dataset import ChatDataConfig, chat_collator, encode_conversations, load_chat
-from .loss import batch_token_loss, count_target_tokens, step_loss, token_loss
+from .loss import batch_token_loss, count_target_tokens, row_token_losses, step_loss, token_loss
 from .masking import (
     IGNORE_INDEX,
     ROLES,
@@ -56,6 +56,7 @@ __all__ = [
     "pack_bins",
     "packed_attention_path",
     "recommended_attn_implementation",
+    "row_token_losses",
     "step_loss",
     "token_loss",
     "tokenize_conversation",

@@ -53,3 +53,17 @@ def batch_token_loss(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return token_loss(model(**inputs).logits, batch["labels"])
+
+
+def row_token_losses(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of target-token cross-entropies, number of targets), shapes (B,), for evaluation.
+
+    Per-row values let ``accelerator.gather_for_metrics`` drop the rows that even batches duplicated
+    on the last batch, so an evaluation counts every held-out token once.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits, labels = model(**inputs).logits[:, :-1].float(), batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return per_token.sum(1), (labels != IGNORE_INDEX).sum(1)
