@@ -35,7 +35,7 @@ def _check(out, steps: int = 8) -> dict:
     assert final["train/tokens_per_s"] > 0 and final["peak_memory_mib"] > 0
     samples = (out / "samples.md").read_text()
     assert "## User: Hi! How are you doing today?" in samples
-    assert "**before**" in samples and f"**after {steps} steps**" in samples
+    assert "**before (step 0)**" in samples and f"**after (step {steps})**" in samples
     return m
 
 
