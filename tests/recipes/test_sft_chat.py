@@ -58,17 +58,19 @@ def test_tiny_two_processes_sharded_8bit(tmp_path):
     _check(out)
 
 
+# the shipped accelerate configs that run on a CPU machine besides cpu_ddp (test_configs.py checks
+# that every other one is GPU- or cluster-only, and why)
+ACCELERATE_CONFIGS = [
+    ("single_gpu.yaml", [], "NO x1"),  # one process; no GPU: the recipe runs on the CPU
+    ("multi_gpu.yaml", ["--num_processes", "2"], "MULTI_CPU x2"),  # DDP over gloo
+    ("deepspeed_zero1.yaml", [], "DEEPSPEED x2"),
+    ("deepspeed_zero2.yaml", [], "DEEPSPEED x2"),
+    ("deepspeed_zero3.yaml", [], "DEEPSPEED x2"),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "accelerate_config, extra, engine",
-    [
-        ("single_gpu.yaml", [], "NO x1"),  # one process; no GPU: the recipe runs on the CPU
-        ("multi_gpu.yaml", ["--num_processes", "2"], "MULTI_CPU x2"),  # DDP over gloo
-        ("deepspeed_zero1.yaml", [], "DEEPSPEED x2"),
-        ("deepspeed_zero2.yaml", [], "DEEPSPEED x2"),
-        ("deepspeed_zero3.yaml", [], "DEEPSPEED x2"),
-    ],
-)
+@pytest.mark.parametrize("accelerate_config, extra, engine", ACCELERATE_CONFIGS)
 def test_tiny_under_accelerate_configs(tmp_path, accelerate_config, extra, engine):
     """Every shipped accelerate config that can run on a CPU machine runs this recipe (the others are
     checked in test_configs.py::test_every_accelerate_config_is_exercised)."""
