@@ -22,7 +22,7 @@ def _assets():
     ensure_assets("smollm2", "chitchat")
 
 
-def _check(out, steps: int = 8, train_loss_falls: bool = True) -> dict:
+def _check(out, steps: int = 8, train_loss_falls: bool = True, replies: bool = True) -> dict:
     m = metrics(out)
     final = m["final"]
     assert final["steps"] == steps and final["skipped_steps"] == 0
@@ -35,7 +35,8 @@ def _check(out, steps: int = 8, train_loss_falls: bool = True) -> dict:
     assert final["train/tokens_per_s"] > 0 and final["peak_memory_mib"] > 0
     samples = (out / "samples.md").read_text()
     assert "## User: Hi! How are you doing today?" in samples
-    assert "**before (step 0)**" in samples and f"**after (step {steps})**" in samples
+    if replies:  # (not under ZeRO-3, whose weights are split over the ranks)
+        assert "**before (step 0)**" in samples and f"**after (step {steps})**" in samples
     return m
 
 
@@ -82,7 +83,7 @@ def test_tiny_under_accelerate_configs(tmp_path, accelerate_config, extra, engin
     cmd[at:at] = extra
     proc = run(cmd, timeout=900)  # the first DeepSpeed run JIT-builds a comm op (~2 min, cached)
     assert f"== sft_chat: {engine}" in proc.stdout
-    _check(out)
+    _check(out, replies=accelerate_config != "deepspeed_zero3.yaml")
 
 
 @pytest.mark.slow
