@@ -7,8 +7,9 @@ default is the chitchat-dataset asset). The pieces, in the order a recipe uses t
 
     train, evals = load_chat(cfg.data, tokenizer, seed)          # dataset.py: validate, render, mask, pack
     collate = chat_collator(cfg.data, tokenizer, attn_impl)      # dataset.py: padded or packed batches
-    loss_sum, n = batch_token_loss(model, batch)                 # loss.py: sum and count of target tokens
-    step_loss(loss_sum, n_step_all_ranks, world_size).backward()
+    run_training(..., loss_fn=batch_token_loss,                  # loss.py: sum and count of target tokens
+                 count_targets=lambda b: count_target_tokens(b["labels"]))  # the loop normalizes per step
+    # a hand-written loop: step_loss(loss_sum, n_step_all_ranks, world_size).backward()
 
 - ``masking.py``: how assistant tokens are found (prefix renderings of the template, one tokenization);
 - ``packing.py``: best-fit packing, restarting ``position_ids``, and the two attention paths that keep
