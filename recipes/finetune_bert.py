@@ -22,7 +22,7 @@ from shardwise.configfile import parse_args
 from shardwise.data.assets import resolve
 from shardwise.data.text import ClassificationDataConfig, load_classification
 from shardwise.errors import exit_on_error
-from shardwise.models.pretrained import PretrainedModelConfig, save_pretrained
+from shardwise.models.pretrained import PretrainedModelConfig, enable_gradient_checkpointing, save_pretrained
 from shardwise.train.accel import configure_deepspeed
 from shardwise.train.checkpoint import resume_point
 from shardwise.train.loop import final_metrics, record_config, report, resume, run_training, start_run
@@ -31,6 +31,7 @@ from shardwise.train.optimizer import build_optimizer, describe_optimizer
 from shardwise.train.plan import batches_per_process, plan_steps
 from shardwise.train.preflight import preflight
 from shardwise.train.sections import OptimizerConfig, TrainConfig
+from shardwise.train.update import model_loss
 
 
 @dataclass
@@ -84,6 +85,7 @@ def main(cfg: Config) -> dict:
     say(
         f"data: {len(train_ds)} train / {len(eval_ds)} eval examples, {len(label_names)} labels {label_names}"
     )
+    loss_fn, count_targets = model_loss, None  # the model's own loss: the mean over the batch's texts
 
     # --------------------------------------------------------------------------------------- model
     name = resolve(cfg.model.name_or_path)
@@ -94,9 +96,13 @@ def main(cfg: Config) -> dict:
     }
     model_config = cfg.model.hf_config(**labels)
     if cfg.model.from_scratch:
-        model = AutoModelForSequenceClassification.from_config(model_config)
+        model = AutoModelForSequenceClassification.from_config(model_config, **cfg.model.load_kwargs())
     else:  # a fresh classification head on the pretrained encoder
-        model = AutoModelForSequenceClassification.from_pretrained(name, config=model_config)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, config=model_config, **cfg.model.load_kwargs()
+        )
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
@@ -165,6 +171,8 @@ def main(cfg: Config) -> dict:
         skipped_steps=start.skipped_steps,
         seconds_before=start.train_seconds,
         position=start.position,
+        loss_fn=loss_fn,
+        count_targets=count_targets,
     )
 
     # -------------------------------------------------------------------------------------- save

@@ -22,9 +22,10 @@ import torch
 
 from shardwise.configfile import parse_args
 from shardwise.data.assets import resolve
+from shardwise.data.chat import batch_token_loss, count_target_tokens
 from shardwise.data.text import CausalLMDataConfig, load_causal_lm
 from shardwise.errors import exit_on_error
-from shardwise.models.pretrained import PretrainedModelConfig, save_pretrained
+from shardwise.models.pretrained import PretrainedModelConfig, enable_gradient_checkpointing, save_pretrained
 from shardwise.train.accel import configure_deepspeed, is_deepspeed
 from shardwise.train.checkpoint import resume_point
 from shardwise.train.loop import final_metrics, record_config, report, resume, run_training, start_run
@@ -83,6 +84,9 @@ def main(cfg: Config) -> dict:
         eval_ds, cfg.train.eval_batch(), collate_fn=default_data_collator, num_workers=cfg.train.num_workers
     )
     say(f"data: {len(train_ds)} train / {len(eval_ds)} eval blocks of {cfg.data.block_size} tokens")
+    # an update's loss is the mean over all its predicted tokens: blocks are equal, but the epoch's last
+    # micro-batch (and accumulation window) may be short and would otherwise weigh more per token
+    loss_fn, count_targets = batch_token_loss, lambda batch: count_target_tokens(batch["labels"])
 
     # --------------------------------------------------------------------------------------- model
     name = resolve(cfg.model.name_or_path)
@@ -90,11 +94,13 @@ def main(cfg: Config) -> dict:
     if cfg.model.from_scratch:
         if model_config.vocab_size < len(tokenizer):
             model_config.vocab_size = len(tokenizer)
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(model_config, **cfg.model.load_kwargs())
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, config=model_config)
+        model = AutoModelForCausalLM.from_pretrained(name, config=model_config, **cfg.model.load_kwargs())
     if tokenizer.pad_token is None:  # generation pads; a decoder-only tokenizer often has no pad token
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
@@ -158,6 +164,8 @@ def main(cfg: Config) -> dict:
         skipped_steps=start.skipped_steps,
         seconds_before=start.train_seconds,
         position=start.position,
+        loss_fn=loss_fn,
+        count_targets=count_targets,
     )
 
     # ------------------------------------------------------------------------------------ samples

@@ -111,3 +111,36 @@ def test_cpu_ddp_starts_two_processes(tmp_path):
         "RANK 0 2 MULTI_CPU",
         "RANK 1 2 MULTI_CPU",
     ]
+
+
+# How each shipped accelerate config is exercised on a CPU-only machine: the recipe tests that run it
+# (2 processes on gloo), or why it cannot run here (checked from the parsed file).
+RUN_ON_CPU = {
+    "cpu_ddp.yaml": "test_sft_chat.py::test_tiny_two_processes_sharded_8bit (+ finetune_bert/gpt)",
+    "single_gpu.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs (no GPU: runs on the CPU)",
+    "multi_gpu.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs (--num_processes 2, gloo)",
+    "deepspeed_zero1.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs",
+    "deepspeed_zero2.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs (+ finetune_bert)",
+    "deepspeed_zero3.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs (+ finetune_bert)",
+}
+CANNOT_RUN_ON_CPU = {
+    # accelerate ignores its FSDP plugin without CUDA and would silently run DDP; the recipes refuse
+    # (test_sft_chat.py / test_finetune_bert.py::test_fsdp_on_cpu_fails_loudly)
+    "fsdp2.yaml": lambda cfg: cfg.distributed_type.value == "FSDP",
+    # two machines: the static rendezvous waits for machine_rank 1 at main_process_ip
+    "multi_node.yaml": lambda cfg: cfg.num_machines > 1 and cfg.rdzv_backend == "static",
+}
+
+
+def test_every_accelerate_config_is_exercised():
+    """A new accelerate config must be run by a recipe test on CPU, or say why it cannot be."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    shipped = {p.name for p in (CONFIGS / "accelerate").glob("*.yaml")}
+    assert shipped == set(RUN_ON_CPU) | set(CANNOT_RUN_ON_CPU), "classify the new config above"
+    assert not set(RUN_ON_CPU) & set(CANNOT_RUN_ON_CPU)
+    from .test_sft_chat import ACCELERATE_CONFIGS  # what test_tiny_under_accelerate_configs runs
+
+    assert set(RUN_ON_CPU) == {c for c, *_ in ACCELERATE_CONFIGS} | {"cpu_ddp.yaml"}
+    for name, reason in CANNOT_RUN_ON_CPU.items():
+        assert reason(load_config_from_file(str(CONFIGS / "accelerate" / name))), name

@@ -23,6 +23,7 @@ DOCS = [ROOT / "README.md", ROOT / "docs" / "recipes.md"]
 TINY = {
     "configs/recipes/bert_minilm_r8.yaml": "configs/recipes/bert_tiny.yaml",
     "configs/recipes/gpt_smollm2_shakespeare.yaml": "configs/recipes/gpt_tiny.yaml",
+    "configs/recipes/sft_smollm2_chitchat.yaml": "configs/recipes/sft_tiny.yaml",
 }
 QUICK = ["train.report_to=[]", "train.progress=false"]
 CIFAR = ["compare=[adamw]", "model.width=0.0625", "train.epochs=1", "data.train_subset=256"]

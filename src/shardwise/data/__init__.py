@@ -1,1 +1,1 @@
-"""Data: text classification, causal-LM blocks, images, and the offline asset cache."""
+"""Data: text classification, causal-LM blocks, chat conversations, images, and the offline asset cache."""

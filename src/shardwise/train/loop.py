@@ -130,6 +130,7 @@ def run_training(
     skipped_steps: int = 0,
     seconds_before: float = 0.0,
     loss_fn: Callable = model_loss,
+    count_targets: Callable | None = None,
     eval_at_steps: Collection[int] = (),
     position: DataPosition | None = None,
 ) -> TrainResult:
@@ -142,7 +143,10 @@ def run_training(
     ``train.eval_at_start``); a checkpoint every
     ``checkpoint_every`` steps, but only after a good update; and a last evaluation of the final
     weights. ``metrics`` is a :class:`~shardwise.train.metrics.Metrics`; ``loss_fn(model, batch)``
-    computes a micro-batch's loss (default: the transformers model's own ``.loss``).
+    computes a micro-batch's loss (default: the transformers model's own ``.loss``); with
+    ``count_targets(batch)`` it returns ``(sum, count)`` and an update's loss is the mean over all target
+    tokens of the update (all micro-batches, all processes): see
+    :func:`shardwise.train.update.optimizer_steps`.
 
     Resuming: ``start_step``, ``skipped_steps``, ``seconds_before`` and ``position`` carry a resumed
     run's counts (each checkpoint stores the last three in its ``meta``, the metric history in
@@ -176,8 +180,9 @@ def run_training(
 
     cursor = DataCursor(position)  # optimizer_steps keeps it at the samples consumed
     updates = optimizer_steps(
-        accelerator, model, train_dl, optimizer, scheduler, plan, train, start_step, loss_fn, cursor
-    )
+        accelerator, model, train_dl, optimizer, scheduler, plan, train, start_step,
+        loss_fn=loss_fn, cursor=cursor, count_targets=count_targets,
+    )  # fmt: skip
     with StopOnSignal(train.stop_signals, accelerator) as stop:
         for step, epoch, loss, skipped in updates:
             bar.update(1)

@@ -1,12 +1,15 @@
 """The update mechanics every recipe shares: micro-batches in, one :class:`Update` per optimizer step out.
 
 Accumulation, clipping, optimizer + LR-scheduler step, the seeded per-epoch data order, the exact
-mid-epoch resume, and the divergence guard. What a run reports and keeps (logging, evaluation,
+mid-epoch resume, the divergence guard, and (opt-in) the loss as a mean over the target tokens of a
+whole optimizer step. What a run reports and keeps (logging, evaluation,
 checkpoints) is :func:`shardwise.train.loop.run_training`'s job.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -30,8 +33,37 @@ class Update(NamedTuple):
 
     step: int  # optimizer updates done so far, this one included
     epoch: int
-    loss: Any  # this process's mean loss over the update's micro-batches (0-d tensor, no host sync)
+    # this process's share of the update's loss (0-d tensor, no host sync); the mean over processes is
+    # the update's loss: micro-batch mean losses averaged, or (count_targets) the step's token mean
+    loss: Any
     skipped: bool  # the loss or the gradients were not finite: parameters and state left untouched
+
+
+def windows(batches: Iterable, size: int) -> Iterator[list]:
+    """Consecutive micro-batches in lists of ``size`` (the last one of an epoch may be shorter): the
+    accumulation windows accelerate also forms (it steps every ``size`` batches and at the epoch's end)."""
+    window: list = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+@contextmanager
+def window_sync(accelerator, model, sync: bool):
+    """``accelerator.accumulate`` for a window the loop formed itself: gradients are all-reduced (and
+    the optimizer steps) on the window's last micro-batch only.
+
+    accelerate decides that from its own micro-batch counter and the data loader's end-of-epoch flag,
+    which reading a whole window ahead sets too early; so set its flag directly, as transformers'
+    Trainer does when it reads ahead to count a step's tokens.
+    """
+    accelerator.gradient_state._set_sync_gradients(sync)
+    with nullcontext() if sync else accelerator.no_sync(model):
+        yield
 
 
 def find_skipping_optimizer(optimizer):
@@ -70,6 +102,7 @@ def optimizer_steps(
     start_step: int = 0,
     loss_fn=model_loss,
     cursor: DataCursor | None = None,
+    count_targets: Callable | None = None,
 ):
     """Run the training micro-batches; yield an :class:`Update` ``(step, epoch, loss, skipped)`` after
     every optimizer update.
@@ -81,6 +114,17 @@ def optimizer_steps(
     this process's mean loss over the update's micro-batches, a 0-d tensor on the device (no host sync
     here; reduce it when logging). ``loss_fn(model, batch)`` returns a micro-batch's 0-d loss. The
     caller logs, evaluates and saves.
+
+    Token-mean loss (opt-in, ``count_targets``): the loss of an update is the mean over ALL target
+    tokens of its micro-batches on all processes, ``L = sum_{p,k} S_pk / N`` with ``S_pk`` the summed
+    token losses of micro-batch k on process p and ``N`` the step's target count; not the mean of
+    micro-batch means, which weights the tokens of a short micro-batch (or short last window, or of a
+    process with fewer targets) more. ``loss_fn`` then returns ``(S, n)``, ``count_targets(batch)`` the
+    count ``n`` from the labels alone. The loop reads the window ahead, counts its targets (one
+    all-reduce per update) and backpropagates ``S_pk * world * grad_accum / N`` per micro-batch (DDP
+    averages gradients over ``world`` processes, ``accelerator.backward`` divides by ``grad_accum``),
+    so the summed gradient is exactly that of ``L``. ``loss`` is then ``world * sum_k S_pk / N``, whose
+    mean over processes is ``L``.
 
     Divergence guard: a non-finite micro-batch loss is turned into NaN gradients (multiplying by a
     factor that is exactly 1 when the loss is finite, so nothing changes then, and no host sync), which
@@ -131,11 +175,13 @@ def optimizer_steps(
             batches = restore_rng_after_first_batch(rest, resumed_rng)
         total, n, done = 0.0, 0, skip if epoch == start_epoch else 0  # done: this epoch's micro-batches
         skipped_before = guarded.skipped_steps if guarded is not None else 0
-        for batch in batches:
+        for batch, sync, scale in _micro_batches(accelerator, batches, train.grad_accum_steps, count_targets):
             faults.maybe_raise(step + 1, accelerator.process_index)
             faults.record_batch(batch, step + 1, accelerator.process_index)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model) if scale is None else window_sync(accelerator, model, sync):
                 loss = loss_fn(model, batch)
+                if scale is not None:  # (sum, count) -> this micro-batch's share of the step's token mean
+                    loss = loss[0] * scale
                 if faults.nan_loss(step + 1, accelerator.process_index):
                     loss = loss * nan
                 # exactly 1.0 for a finite loss; NaN makes every gradient NaN (all-reduced to all ranks)
@@ -145,7 +191,11 @@ def optimizer_steps(
                     accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            total, n, done = total + loss.detach().float(), n + 1, done + 1
+            done += 1
+            if scale is None:  # mean of the micro-batch means
+                total, n = total + loss.detach().float(), n + 1
+            else:  # the shares add up to world * S_p / N (undo backward's division by grad_accum)
+                total, n = total + loss.detach().float() / train.grad_accum_steps, 1
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()  # once per update: make_accelerator sets step_scheduler_with_optimizer=False
@@ -167,3 +217,19 @@ def optimizer_steps(
             total, n = 0.0, 0
             if step >= plan.total_steps:
                 return
+
+
+def _micro_batches(accelerator, batches, grad_accum: int, count_targets: Callable | None):
+    """``(batch, sync, scale)``: ``scale`` None = accelerate's own accumulation (``accumulate``);
+    with ``count_targets``, per window: sync on its last micro-batch, ``scale = world * grad_accum / N``
+    with ``N`` the window's target count over all processes (one all-reduce)."""
+    if count_targets is None:
+        for batch in batches:
+            yield batch, None, None
+        return
+    for window in windows(batches, grad_accum):
+        local = torch.stack([torch.as_tensor(count_targets(b), device=accelerator.device) for b in window])
+        tokens = accelerator.reduce(local.sum().float(), "sum")
+        scale = accelerator.num_processes * grad_accum / tokens.clamp_min(1.0)
+        for i, batch in enumerate(window):
+            yield batch, i == len(window) - 1, scale
