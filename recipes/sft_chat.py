@@ -21,11 +21,10 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from shardwise.configfile import parse_args, save_config
+from shardwise.configfile import parse_args
 from shardwise.data.assets import resolve
 from shardwise.data.chat import (
     ChatDataConfig,
@@ -38,12 +37,13 @@ from shardwise.data.chat import (
 from shardwise.errors import exit_on_error
 from shardwise.models.lora import LoraConfig, apply_lora, parameter_counts, quantization_kwargs, save_merged
 from shardwise.models.pretrained import PretrainedModelConfig, enable_gradient_checkpointing
-from shardwise.train.accel import configure_deepspeed, describe, is_deepspeed, make_accelerator
-from shardwise.train.checkpoint import check_output_dir, find_checkpoint, load_checkpoint, read_progress
-from shardwise.train.loop import run_training
-from shardwise.train.metrics import Metrics, flat_config, format_table, plot_curves
+from shardwise.train.accel import configure_deepspeed, is_deepspeed
+from shardwise.train.checkpoint import resume_point
+from shardwise.train.loop import final_metrics, record_config, report, resume, run_training, start_run
+from shardwise.train.metrics import Metrics
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
 from shardwise.train.plan import batches_per_process, plan_steps
+from shardwise.train.preflight import preflight
 from shardwise.train.sections import OptimizerConfig, TrainConfig
 
 
@@ -83,14 +83,10 @@ def main(cfg: Config) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.perf_counter()
-    out = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg.train, str(out))
-    # before anything is written: never mix this run into another one's checkpoints
-    resume, overwrite = cfg.train.resume_from_checkpoint, cfg.train.overwrite
-    check_output_dir(out, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
+    preflight(cfg)  # model, lengths, precision, trackers, resume: fail before any work
+    accelerator, out = start_run(cfg.train, "sft_chat")
     set_seed(cfg.train.seed)
     say = accelerator.print
-    say(f"== sft_chat: {describe(accelerator)}")
 
     # ---------------------------------------------------------------------------------------- data
     tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.tokenizer or cfg.model.name_or_path))
@@ -100,7 +96,7 @@ def main(cfg: Config) -> dict:
     collate = chat_collator(cfg.data, tokenizer, cfg.model.attn_implementation)
     dl_kw = {"collate_fn": collate, "num_workers": cfg.train.num_workers}
     train_dl = DataLoader(train_ds, cfg.train.batch_size, shuffle=True, **dl_kw)
-    eval_dl = DataLoader(eval_ds, cfg.train.eval_batch_size or 2 * cfg.train.batch_size, **dl_kw)
+    eval_dl = DataLoader(eval_ds, cfg.train.eval_batch(), **dl_kw)
     epoch_tokens = sum(len(x) for x in train_ds["input_ids"])  # real tokens (no padding) per epoch
     rows = "packed rows" if cfg.data.packing else "conversations"
     say(f"data: {len(train_ds)} train / {len(eval_ds)} eval {rows}, {epoch_tokens:,} train tokens/epoch")
@@ -122,7 +118,16 @@ def main(cfg: Config) -> dict:
     say(f"model: {type(model).__name__} from {name}, {total:,} params, {trainable:,} trainable")
 
     # ----------------------------------------------------------------------------------- optimizer
-    plan = plan_steps(batches_per_process(train_dl, accelerator.num_processes), cfg.train)
+    # "latest" / "auto" (fresh when there is none) / a path: the step, counters and data position it
+    # continues from (the plan counts the steps its remaining data takes on this number of processes)
+    start = resume_point(out, cfg.train.resume_from_checkpoint)
+    global_micro = cfg.train.batch_size * accelerator.num_processes
+    plan = plan_steps(
+        batches_per_process(train_dl, accelerator.num_processes),
+        cfg.train,
+        (start.step, start.position),
+        global_micro,
+    )
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, plan.total_steps)
     say(f"optimizer: {describe_optimizer(optimizer, cfg.optimizer)}")
     say(f"schedule: {plan.total_steps} steps ({plan.updates_per_epoch}/epoch, {plan.epochs} epochs)")
@@ -131,16 +136,11 @@ def main(cfg: Config) -> dict:
         model, optimizer, train_dl, eval_dl, scheduler
     )
 
-    start_step, skipped_total = 0, 0  # skipped: updates the divergence guard skipped (non-finite)
-    if cfg.train.resume_from_checkpoint is not None:
-        path = find_checkpoint(out, cfg.train.resume_from_checkpoint)
-        start_step = load_checkpoint(accelerator, path)
-        skipped_total = read_progress(path).get("meta", {}).get("skipped_steps", 0)
-        say(f"resumed from {path} at step {start_step} (lr {scheduler.get_last_lr()[0]:.3g})")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    accelerator.init_trackers("sft_chat", config=flat_config(cfg))  # no-op when report_to is []
+    metrics = Metrics(accelerator)
+    resume(accelerator, start, metrics)  # model, optimizer, schedule, RNG, data position, curves
+    if start.path is not None:
+        say(f"resumed from {start.path} at step {start.step} (lr {scheduler.get_last_lr()[0]:.3g})")
+    record_config(accelerator, cfg, out, "sft_chat")
 
     # -------------------------------------------------------------------------------------- eval
     eval_seconds = 0.0  # kept out of the train throughput
@@ -190,13 +190,12 @@ def main(cfg: Config) -> dict:
         gen_model.train()
         return texts
 
-    before = replies() if start_step == 0 else []
+    before = replies() if start.step == 0 else []
 
     # -------------------------------------------------------------------------------------- loop
     # one iteration per optimizer update; the loss of an update is the mean over ALL its assistant
     # tokens (every micro-batch, every process: the loop counts them first, one all-reduce per step),
     # evaluate() at step 0, every eval_every steps and at the end: shardwise.train.loop.run_training
-    metrics = Metrics(accelerator)
     model.train()
     result = run_training(
         accelerator,
@@ -209,8 +208,10 @@ def main(cfg: Config) -> dict:
         evaluate=evaluate,
         metrics=metrics,
         output_dir=out,
-        start_step=start_step,
-        skipped_steps=skipped_total,
+        start_step=start.step,
+        skipped_steps=start.skipped_steps,
+        seconds_before=start.train_seconds,
+        position=start.position,
         loss_fn=batch_token_loss,
         count_targets=lambda batch: count_target_tokens(batch["labels"]),
         eval_at_steps=(0,),
@@ -224,24 +225,18 @@ def main(cfg: Config) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)  # gathered under ZeRO-3 (a collective: every rank)
     unwrapped.save_pretrained(model_dir, is_main_process=accelerator.is_main_process, state_dict=state)
-    train_seconds = result.train_seconds - eval_seconds
-    steps_run = result.steps - start_step
+    train_seconds = result.train_seconds - start.train_seconds - eval_seconds  # this run's, no evals
+    steps_run = result.steps - start.step
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20
     final = {
-        **metrics.last("eval/"),
+        **final_metrics(metrics, result, t_start),
         "eval/loss_before": next((r["eval/loss"] for r in metrics.history if r["step"] == 0), float("nan")),
-        "train/loss": metrics.last("train/loss").get("train/loss", float("nan")),
-        "steps": result.steps,
-        "skipped_steps": result.skipped_steps,
         # real (unpadded) tokens of all processes per second of training, evaluations left out
         "train/tokens_per_s": round(steps_run / plan.updates_per_epoch * epoch_tokens / train_seconds, 1),
         "peak_memory_mib": round(peak, 1),  # this process: CPU max RSS, or CUDA max allocated
-        "train_seconds": round(result.train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
     }
-    metrics_path = metrics.write(out, final)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(model_dir)
         if lora is not None and lora.save_merged and not zero3:  # last: merging ends training
@@ -250,7 +245,7 @@ def main(cfg: Config) -> dict:
         for i, prompt in enumerate(cfg.sample.prompts):
             md.append(f"## User: {prompt}\n")
             for label, texts in (
-                (f"before (step {start_step})", before),
+                (f"before (step {start.step})", before),
                 (f"after (step {result.steps})", after),
             ):
                 if i < len(texts):
@@ -258,13 +253,9 @@ def main(cfg: Config) -> dict:
         (out / "samples.md").write_text("\n".join(md))
         for prompt, reply in zip(cfg.sample.prompts, after, strict=False):
             say(f"--- user: {prompt}\n--- assistant: {reply}")
-        plot = plot_curves(metrics.history, out / "curves.png", title=f"sft_chat: {cfg.model.name_or_path}")
-        say(format_table(final))
-        loader = "PeftModel.from_pretrained(base, ...)" if lora is not None else "AutoModelForCausalLM"
-        say(f"plot:    {plot}\nmodel:   {model_dir}  ({loader})")
-        say(f"samples: {out / 'samples.md'}\nmetrics: {metrics_path}\nconfig:  {out / 'config.yaml'}")
-        if accelerator.trackers:  # accelerate skips a tracker whose package is missing
-            say(f"logs:    {out / 'logs'} ({', '.join(t.name for t in accelerator.trackers)})")
+    loader = "PeftModel.from_pretrained(base, ...)" if lora is not None else "AutoModelForCausalLM"
+    where = (f"model:   {model_dir}  ({loader})", f"samples: {out / 'samples.md'}")
+    report(accelerator, metrics, final, out, f"sft_chat: {cfg.model.name_or_path}", where)
     accelerator.end_training()
     return final
 

@@ -25,6 +25,12 @@ def test_local_paths(tmp_path):
         check_model_source(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="holds no config.json"):
         check_model_source(str(tmp_path))
+    with pytest.raises(ConfigError, match="holds no config.json or tokenizer_config.json"):
+        check_model_source(str(tmp_path), "model.tokenizer")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    check_model_source(str(tmp_path), "model.tokenizer")  # a tokenizer-only folder: fine for a tokenizer
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        check_model_source(str(tmp_path))  # ... but not a model
     (tmp_path / "config.json").write_text("{}")
     check_model_source(str(tmp_path))
 

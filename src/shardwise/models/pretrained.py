@@ -137,9 +137,12 @@ def check_model_source(name: str, key: str = "model.name_or_path") -> None:
         return
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+        # a tokenizer folder needs no model config: AutoTokenizer reads tokenizer_config.json
+        wanted = ("config.json", "tokenizer_config.json") if key.endswith("tokenizer") else ("config.json",)
+        if not any((path / f).is_file() for f in wanted) and not any(path.glob("*.gguf")):
+            what = "a saved tokenizer or model" if len(wanted) > 1 else "a saved transformers model"
             raise ConfigError(
-                f"{key}={name!r}: the folder holds no config.json (not a saved transformers model)",
+                f"{key}={name!r}: the folder holds no {' or '.join(wanted)} (not {what})",
                 hint="point it at a folder written by save_pretrained (e.g. <output_dir>/model)",
             )
         return
