@@ -78,8 +78,8 @@ CASES = [
     ("FSDP accelerate config on CPU", "bert", [], {"ACCELERATE_USE_FSDP": "true"}, "asks for FSDP"),
     ("resume with a changed lr", "bert", ["train.resume_from_checkpoint=latest", "optimizer.lr=5e-4"], {},
      "optimizer.lr=0.0005 differs from the checkpoint's run (0.001"),
-    ("resume with a changed max_steps", "bert", ["train.resume_from_checkpoint=latest", "train.max_steps=20"],
-     {}, "train.max_steps=20 differs from the checkpoint's run (8"),
+    ("resume, changed batch size", "bert", ["train.resume_from_checkpoint=latest", "train.batch_size=8"],
+     {}, "train.batch_size=8 differs from the checkpoint's run (16"),
 ]  # fmt: skip
 
 CONFIGS = {"bert": "bert_tiny.yaml", "gpt": "gpt_tiny.yaml"}

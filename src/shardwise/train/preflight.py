@@ -29,6 +29,9 @@ RESUMABLE = {
     "train.output_dir",
     "train.resume_from_checkpoint",
     "train.stop_signals",
+    # honoured: the step plan and the LR schedule are rebuilt for the new total (train longer / shorter)
+    "train.max_steps",
+    "train.epochs",
     "train.overwrite",
     "train.log_every",
     "train.eval_every",
