@@ -74,7 +74,7 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("path", "index", "cmd"), CASES)
 def test_command_runs_as_printed(path, index, cmd, tmp_path):
-    ensure_assets("minilm", "reuters-r8", "smollm2")
+    ensure_assets("minilm", "reuters-r8", "smollm2", "chitchat")
     if "cifar" in cmd:
         from shardwise.data.images import load_fashion_mnist
         from shardwise.errors import ShardwiseError

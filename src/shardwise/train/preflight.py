@@ -32,6 +32,7 @@ RESUMABLE = {
     # honoured: the step plan and the LR schedule are rebuilt for the new total (train longer / shorter)
     "train.max_steps",
     "train.epochs",
+    "compare",  # recipes/cifar_compare.py's list of runs, not how one run trains
     "train.overwrite",
     "train.log_every",
     "train.eval_every",
