@@ -86,6 +86,9 @@ DEFAULTS = {
 }
 # (batch size per rank, sequence length, ranks): the recipes' shapes; --quick shrinks them.
 SHAPES = {"minilm": (32, 32, 1), "smollm2": (4, 256, 1), "ddp": (32, 32, 2)}
+# rounds per case: a MiniLM round takes ~20 s on 2 cores, a SmolLM2 round ~80 s; the per-round ratio
+# of a short step is noisier (+-20% on a shared 2-core machine), so the cheap cases get more rounds
+ROUNDS = {"minilm": 11, "smollm2": 5, "ddp": 9}
 QUICK_SHAPES = {"minilm": (4, 16, 1), "smollm2": (2, 32, 1), "ddp": (4, 16, 2)}
 LR, WD = 2e-4, 0.01
 
@@ -267,10 +270,12 @@ def _build(case: str, names: list[str], args, wrap=None) -> tuple[dict, dict, st
     return runs, rows, source
 
 
-def _rounds(runs: dict, rows: dict, args, samples_per_step: int, barrier=lambda: None, say=log) -> dict:
+def _rounds(
+    runs: dict, rows: dict, args, samples_per_step: int, barrier=lambda: None, say=log, *, rounds: int
+) -> dict:
     """Interleaved rounds (rotating order); per-candidate samples/s of every round."""
     per_round: dict[str, list[float]] = {n: [] for n in runs}
-    for r in range(args.rounds):
+    for r in range(rounds):
         order = list(runs)
         order = order[r % len(order) :] + order[: r % len(order)]
         for name in order:
@@ -281,7 +286,7 @@ def _rounds(runs: dict, rows: dict, args, samples_per_step: int, barrier=lambda:
                 per_round[name].append(samples_per_step * args.steps / dt)
             except Exception as e:
                 rows[name]["status"] = unavailable(e)
-        say(f"  round {r + 1}/{args.rounds}")
+        say(f"  round {r + 1}/{rounds}")
     return per_round
 
 
@@ -300,10 +305,14 @@ def _summarize(runs: dict, rows: dict, per_round: dict) -> None:
     base = rows.get(BASELINE, {})
     for row in rows.values():
         if row["status"] == "ok" and base.get("status") == "ok":
-            row["ratio"] = row["samples_per_s"] / base["samples_per_s"]
-            # spread of the ratio: round-by-round pairs (same round, same conditions)
+            # the ratio is the median of round-by-round pairs (same round, same machine conditions):
+            # a slow spell of the shared machine moves both sides of a pair, not the ratio
             paired = [a / b for a, b in zip(per_round[row["name"]], per_round[BASELINE])]
+            row["ratio"] = statistics.median(paired)
             row["ratio_min"], row["ratio_max"] = min(paired), max(paired)
+            row["ratio_of_medians"] = row["samples_per_s"] / base["samples_per_s"]
+        if row["status"] == "ok":
+            row["samples_per_s_rounds"] = [round(x, 4) for x in per_round[row["name"]]]
 
 
 # ---------------------------------------------------------------------------- the 2-process case
@@ -324,7 +333,8 @@ def _ddp_worker(rank: int, world: int, port: int, args, names: list[str], out) -
             r["status"] = bad[0] if bad else "ok"
         bs, _, _ = (QUICK_SHAPES if args.quick else SHAPES)["ddp"]
         say = log if rank == 0 else (lambda msg: None)
-        per_round = _rounds(runs, rows, args, bs * world, dist.barrier, say)
+        rounds = args.rounds or ROUNDS["ddp"]
+        per_round = _rounds(runs, rows, args, bs * world, dist.barrier, say, rounds=rounds)
         _summarize(runs, rows, per_round)
         if rank == 0:
             out.put((rows, source))
@@ -366,6 +376,10 @@ def _run_ddp(names: list[str], args) -> tuple[dict, str | None]:
 
 
 # ------------------------------------------------------------------------------------- headline
+def _spread(row: dict) -> str:
+    return f" ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})" if "ratio_min" in row else ""
+
+
 def headline(doc: dict) -> list[str]:
     """This result's lines in the README headline (report.py prints them as they are)."""
     rows = doc["rows"]
@@ -375,12 +389,16 @@ def headline(doc: dict) -> list[str]:
         by_name = {r["name"]: r for r in rows if r.get("case") == case}
         named = [n for n in by_name if n.startswith("loop_shardwise_") and n.count("_") == 3]
         parts = [
-            f"{by_name[n]['label']} **{fmt_x(by_name[n]['ratio'])}**"
+            f"{by_name[n]['label']} **{fmt_x(by_name[n]['ratio'])}**{_spread(by_name[n])}"
             for n in ("loop_shardwise_8bit", "loop_shardwise_32bit", *named, "trainer_torch_fused")
             if by_name.get(n, {}).get("ratio")
         ]
         a, b = by_name.get("trainer_shardwise_8bit", {}), by_name.get("trainer_torch_fused", {})
-        if a.get("ratio") and b.get("ratio"):
+        if a.get("samples_per_s_rounds") and b.get("samples_per_s_rounds"):  # paired by round
+            pairs = [x / y for x, y in zip(a["samples_per_s_rounds"], b["samples_per_s_rounds"])]
+            vs = {"ratio": statistics.median(pairs), "ratio_min": min(pairs), "ratio_max": max(pairs)}
+            parts.append(f"Trainer with shardwise 8-bit vs its default **{fmt_x(vs['ratio'])}**{_spread(vs)}")
+        elif a.get("ratio") and b.get("ratio"):
             parts.append(f"Trainer with shardwise 8-bit vs its default **{fmt_x(a['ratio'] / b['ratio'])}**")
         if not parts:
             continue
@@ -397,7 +415,9 @@ def headline(doc: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="minilm,smollm2,ddp", help="comma list of: " + ",".join(SHAPES))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds per case (default: " + str(ROUNDS) + ")"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per candidate per round")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in all (split over DDP ranks)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the ddp case is CPU-only)")
@@ -412,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 2
+    rounds = {case: args.rounds or ROUNDS[case] for case in SHAPES}
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
 
@@ -442,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rows, source = _run_ddp(names, args)
         else:
             runs, rows, source = _build(case, names, args)
-            _summarize(runs, rows, _rounds(runs, rows, args, bs))
+            _summarize(runs, rows, _rounds(runs, rows, args, bs, rounds=rounds[case]))
             del runs
         for row in rows.values():
             if row["status"] != "ok":
@@ -458,6 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": bs,
             "seq_len": seq_len,
             "world": world,
+            "rounds": rounds[case],
         }
         all_rows += list(rows.values())
 
@@ -468,8 +490,9 @@ def main(argv: list[str] | None = None) -> dict:
             "device": args.device,
             "precision": "bf16 autocast, fp32 weights" if args.precision == "bf16" else "fp32",
             "random_init": args.random_init,
-            "rounds": args.rounds,
+            "rounds": args.rounds,  # None: per case, see cases[*]["rounds"]
             "steps_per_round": args.steps,
+            "ratio": "median of per-round paired ratios",
             "threads": torch.get_num_threads() if args.device == "cpu" else None,
             "quick": args.quick,
         },

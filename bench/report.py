@@ -304,12 +304,23 @@ def e2e_section(doc: dict, plots: Path, suffix: str = "") -> str:
             "synthetic data identical for every row of a case; "
         )
         groups = [(case, [r for r in doc["rows"] if r["case"] == case]) for case in doc["cases"]]
+    if cfg.get("ratio") == "median of per-round paired ratios":
+        rounds = cfg["rounds"] or ", ".join(f"{c['rounds']} ({n})" for n, c in doc["cases"].items())
+        how = (
+            f"{rounds} interleaved rounds of {cfg['steps_per_round']} timed steps each. Ratio = the "
+            "median over rounds of samples/s / samples/s of the plain loop with torch fused AdamW in "
+            "the same round (higher is faster); range = min-max of those per-round ratios."
+        )
+    else:  # results written before the ratio was the median of the paired ratios
+        how = (
+            f"{cfg['rounds']} interleaved rounds of {cfg['steps_per_round']} timed steps each. "
+            "Ratio = samples/s / samples/s of the plain loop with torch fused AdamW"
+            + (" of the same case" if "cases" in doc else "")
+            + " (higher is faster)"
+            + ("; range = min-max of the per-round paired ratios." if "cases" in doc else ".")
+        )
     out = [
-        intro + f"{cfg['rounds']} interleaved rounds of {cfg['steps_per_round']} timed steps each. "
-        "Ratio = samples/s / samples/s of the plain loop with torch fused AdamW"
-        + (" of the same case" if "cases" in doc else "")
-        + " (higher is faster)"
-        + ("; range = min-max of the per-round paired ratios." if "cases" in doc else "."),
+        intro + how,
         f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
