@@ -26,10 +26,8 @@ from shardwise.configfile import parse_args
 from shardwise.data.images import ImageDataConfig, ImageTensorDataset, load_images, make_loader
 from shardwise.errors import did_you_mean, exit_on_error
 from shardwise.models import ResNetConfig, resnet18
-from shardwise.train.checkpoint import resume_point
-from shardwise.train.loop import record_config, resume, run_training, start_run
+from shardwise.train.loop import plan_run, record_config, resume, run_training, start_run
 from shardwise.train.metrics import Metrics, PeakMemory, optimizer_state_bytes, plot_curves
-from shardwise.train.plan import batches_per_process, plan_steps
 from shardwise.train.preflight import preflight
 from shardwise.train.sections import TrainConfig
 
@@ -195,14 +193,8 @@ def main(cfg: Config) -> RunResult:
     spec = choice.resolve()
     params = param_groups(model, spec.weight_decay) if choice.no_decay_norm_and_bias else model.parameters()
     optimizer = make_optimizer(spec, params, impl=choice.impl)
-    start = resume_point(out, cfg.train.resume_from_checkpoint)  # the plan counts the data left
-    global_micro = cfg.train.batch_size * accelerator.num_processes
-    plan = plan_steps(
-        batches_per_process(train_dl, accelerator.num_processes),
-        cfg.train,
-        (start.step, start.position),
-        global_micro,
-    )
+    # the step, counters and data position a resumed run continues from; the steps its data takes
+    start, plan = plan_run(accelerator, train_dl, cfg.train, out)
     schedule = cfg.schedule
     scheduler = get_scheduler(
         schedule.name, optimizer, schedule.warmup_steps, num_training_steps=plan.total_steps
@@ -218,9 +210,7 @@ def main(cfg: Config) -> RunResult:
         model, optimizer, train_dl, test_dl, scheduler
     )
     metrics = Metrics(accelerator)
-    resume(accelerator, start, metrics)  # model, optimizer, schedule, RNG, data position, curves
-    if start.path is not None:
-        say(f"resumed from {start.path} at step {start.step}")
+    resume(accelerator, start, metrics, scheduler)  # model, optimizer, schedule, RNG, data position, curves
     record_config(accelerator, cfg, out, "cifar_resnet")
 
     # ---------------------------------------------------------------------------------------- eval

@@ -22,16 +22,22 @@ import torch
 
 from shardwise.configfile import parse_args
 from shardwise.data.assets import resolve
-from shardwise.data.chat import batch_token_loss, count_target_tokens
 from shardwise.data.text import CausalLMDataConfig, load_causal_lm
 from shardwise.errors import exit_on_error
 from shardwise.models.pretrained import PretrainedModelConfig, enable_gradient_checkpointing, save_pretrained
 from shardwise.train.accel import configure_deepspeed, is_deepspeed
-from shardwise.train.checkpoint import resume_point
-from shardwise.train.loop import final_metrics, record_config, report, resume, run_training, start_run
+from shardwise.train.loop import (
+    final_metrics,
+    plan_run,
+    record_config,
+    report,
+    resume,
+    run_training,
+    start_run,
+)
+from shardwise.train.losses import batch_token_loss, count_target_tokens
 from shardwise.train.metrics import Metrics
 from shardwise.train.optimizer import build_optimizer, describe_optimizer
-from shardwise.train.plan import batches_per_process, plan_steps
 from shardwise.train.preflight import preflight
 from shardwise.train.sections import OptimizerConfig, TrainConfig
 
@@ -104,17 +110,8 @@ def main(cfg: Config) -> dict:
     say(f"model: {type(model).__name__} from {name}, {sum(p.numel() for p in model.parameters()):,} params")
 
     # ----------------------------------------------------------------------------------- optimizer
-    # per-process batches: accelerate splits the global batch list evenly over the processes
-    # "latest" / "auto" (fresh when there is none) / a path: the step, counters and data position it
-    # continues from (the plan counts the steps its remaining data takes on this number of processes)
-    start = resume_point(out, cfg.train.resume_from_checkpoint)
-    global_micro = cfg.train.batch_size * accelerator.num_processes
-    plan = plan_steps(
-        batches_per_process(train_dl, accelerator.num_processes),
-        cfg.train,
-        (start.step, start.position),
-        global_micro,
-    )
+    # the step, counters and data position a resumed run continues from; the steps its data takes
+    start, plan = plan_run(accelerator, train_dl, cfg.train, out)
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, plan.total_steps)
     say(f"optimizer: {describe_optimizer(optimizer, cfg.optimizer)}")
     say(f"schedule: {plan.total_steps} steps ({plan.updates_per_epoch}/epoch, {plan.epochs} epochs)")
@@ -124,9 +121,7 @@ def main(cfg: Config) -> dict:
     )
 
     metrics = Metrics(accelerator)
-    resume(accelerator, start, metrics)  # model, optimizer, schedule, RNG, data position, curves
-    if start.path is not None:
-        say(f"resumed from {start.path} at step {start.step} (lr {scheduler.get_last_lr()[0]:.3g})")
+    resume(accelerator, start, metrics, scheduler)  # model, optimizer, schedule, RNG, data position, curves
     record_config(accelerator, cfg, out, "finetune_gpt")
 
     # -------------------------------------------------------------------------------------- eval

@@ -14,18 +14,15 @@ from shardwise.data.chat import (
     ChatDataConfig,
     PackedChatCollator,
     PaddedChatCollator,
-    batch_token_loss,
     block_causal_mask,
-    count_target_tokens,
     load_chat,
     pack,
     pack_bins,
     packed_attention_path,
-    step_loss,
-    token_loss,
     tokenize_conversation,
 )
 from shardwise.errors import DataError
+from shardwise.train.losses import batch_token_loss, count_target_tokens, step_loss, token_loss
 
 SMOLLM = assets_dir() / "models" / "SmolLM2-135M-Instruct"
 

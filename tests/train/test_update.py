@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from shardwise.data.chat import PaddedChatCollator, batch_token_loss, count_target_tokens
+from shardwise.data.chat import PaddedChatCollator
 from shardwise.train.loop import run_training
+from shardwise.train.losses import batch_token_loss, count_target_tokens
 from shardwise.train.metrics import Metrics
 from shardwise.train.plan import plan_steps
 from shardwise.train.sections import TrainConfig

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .accel import describe, make_accelerator
-from .checkpoint import Resumed, check_output_dir, load_checkpoint, save_checkpoint
-from .plan import DataCursor, DataPosition, StepPlan
+from .checkpoint import Resumed, check_output_dir, load_checkpoint, resume_point, save_checkpoint
+from .plan import DataCursor, DataPosition, StepPlan, batches_per_process, plan_steps
 from .preempt import StopOnSignal, stopped_error, write_stop_record
 from .sections import TrainConfig
 from .update import model_loss, optimizer_steps
@@ -59,13 +59,35 @@ def record_config(accelerator, cfg, out: Path, name: str) -> None:
     accelerator.init_trackers(name, config=flat_config(cfg))  # no-op when report_to is []
 
 
-def resume(accelerator, start: Resumed, metrics) -> None:
-    """Load the checkpoint :func:`~shardwise.train.checkpoint.resume_point` found (none: a fresh run)
-    into the prepared objects, and continue its metric history so the curves keep the earlier steps."""
+def plan_run(accelerator, train_dl, train: TrainConfig, out: Path) -> tuple[Resumed, StepPlan]:
+    """Where the run starts and how many optimizer steps it makes, before the optimizer is built.
+
+    ``train.resume_from_checkpoint`` ("latest" / "auto", fresh when there is none / a path) gives the
+    step, counters and data position to continue from; the plan counts the steps done plus the steps
+    the remaining data takes on this number of processes (accelerate splits the global batch list
+    evenly over them), so a run resumed on a different world size finishes the same schedule.
+    """
+    start = resume_point(out, train.resume_from_checkpoint)
+    processes = accelerator.num_processes
+    plan = plan_steps(
+        batches_per_process(train_dl, processes),
+        train,
+        (start.step, start.position),
+        train.batch_size * processes,
+    )
+    return start, plan
+
+
+def resume(accelerator, start: Resumed, metrics, scheduler=None) -> None:
+    """Load the checkpoint :func:`plan_run` found (none: a fresh run) into the prepared objects,
+    continue its metric history so the curves keep the earlier steps, and say so (with the LR the
+    restored ``scheduler`` continues at, when given)."""
     if start.path is None:
         return
     load_checkpoint(accelerator, start.path)
     metrics.history = read_history(start.path)
+    lr = f" (lr {scheduler.get_last_lr()[0]:.3g})" if scheduler is not None else ""
+    accelerator.print(f"resumed from {start.path} at step {start.step}{lr}")
 
 
 def final_metrics(metrics, result: TrainResult, started: float) -> dict:

@@ -1,5 +1,6 @@
 """Chat SFT data: conversations in the ``messages`` format, the model's own chat template, loss on the
-assistant's turns only (end-of-turn token included), optional packing, and the token-count loss.
+assistant's turns only (end-of-turn token included) and optional packing; the token-count loss that
+trains on them is :mod:`shardwise.train.losses`.
 
 Input is what trl and the hub use: a ``messages`` column holding ``[{"role", "content"}, ...]`` per row,
 from any ``datasets.load_dataset`` source (hub name, or ``json`` over local JSON/JSONL files; the
@@ -7,18 +8,16 @@ default is the chitchat-dataset asset). The pieces, in the order a recipe uses t
 
     train, evals = load_chat(cfg.data, tokenizer, seed)          # dataset.py: validate, render, mask, pack
     collate = chat_collator(cfg.data, tokenizer, attn_impl)      # dataset.py: padded or packed batches
-    run_training(..., loss_fn=batch_token_loss,                  # loss.py: sum and count of target tokens
+    run_training(..., loss_fn=batch_token_loss,                  # train/losses.py: sum and count of targets
                  count_targets=lambda b: count_target_tokens(b["labels"]))  # the loop normalizes per step
     # a hand-written loop: step_loss(loss_sum, n_step_all_ranks, world_size).backward()
 
 - ``masking.py``: how assistant tokens are found (prefix renderings of the template, one tokenization);
 - ``packing.py``: best-fit packing, restarting ``position_ids``, and the two attention paths that keep
-  packed conversations apart (transformers' packed-sequence detection, or an explicit 4-D mask);
-- ``loss.py``: the mean over the assistant tokens of a whole optimizer step, not of micro-batches.
+  packed conversations apart (transformers' packed-sequence detection, or an explicit 4-D mask).
 """
 
 from .dataset import ChatDataConfig, chat_collator, encode_conversations, load_chat
-from .loss import batch_token_loss, count_target_tokens, row_token_losses, step_loss, token_loss
 from .masking import (
     IGNORE_INDEX,
     ROLES,
@@ -45,11 +44,9 @@ __all__ = [
     "OverlongConversation",
     "PackedChatCollator",
     "PaddedChatCollator",
-    "batch_token_loss",
     "block_causal_mask",
     "chat_collator",
     "check_chat_template",
-    "count_target_tokens",
     "encode_conversations",
     "end_of_turn_ids",
     "load_chat",
@@ -57,9 +54,6 @@ __all__ = [
     "pack_bins",
     "packed_attention_path",
     "recommended_attn_implementation",
-    "row_token_losses",
-    "step_loss",
-    "token_loss",
     "tokenize_conversation",
     "validate_messages",
 ]

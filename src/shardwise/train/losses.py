@@ -1,4 +1,5 @@
-"""The token-count loss: sums and counts of per-token losses, normalized over a whole optimizer step.
+"""The token-count loss of causal LMs (GPT and SFT recipes): sums and counts of per-token losses,
+normalized over a whole optimizer step.
 
 :func:`token_loss` returns the SUM of per-token cross-entropies over target tokens and their count. The
 mean over the assistant tokens of a whole optimizer step (all micro-batches, all processes) is
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .masking import IGNORE_INDEX
+from shardwise.data.chat.masking import IGNORE_INDEX
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
