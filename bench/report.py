@@ -436,7 +436,12 @@ def zero_section(doc: dict) -> str:
         "ZeRO-1 (bench/zero.py): per-rank optimizer state and step time, 1 vs 2 ranks (gloo processes "
         f"on one machine), {doc['params'] / 1e6:.1f}M fp32 params, {doc.get('cpus', '?')} CPUs, torch "
         f"{doc.get('torch', '?')}. Ratios are against torch AdamW (DDP, every rank keeps all state) "
-        "on 1 rank.",
+        "on 1 rank. "
+        + (
+            f"Measured on: {machine_line(doc)}. {_load_note(doc)}"
+            if doc.get("machine")
+            else "(Measured in an earlier run than the DeepSpeed table below; date and load not recorded.)"
+        ),
         "",
     ]
     body = [
@@ -511,11 +516,11 @@ def zero_section(doc: dict) -> str:
             )
         )
         if ds.get("machine"):
-            out += ["", f"Measured on: {machine_line(ds)}. {_load(ds)}"]
+            out += ["", f"Measured on: {machine_line(ds)}. {_load_note(ds)}"]
     return "\n".join(out)
 
 
-def _load(doc: dict) -> str:
+def _load_note(doc: dict) -> str:
     load = doc.get("loadavg_1_5_15")
     if not load:
         return ""

@@ -322,6 +322,7 @@ def main() -> None:
         ds["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
         ds["machine"] = machine_facts()
         ds["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "deepspeed_only")}
+        ds["config"]["threads"] = max(1, (os.cpu_count() or 2) // ds["world"])  # per rank
         print(
             f"\nDeepSpeed ZeRO-2, {ds['params'] / 1e6:.1f}M fp32 params, 2 gloo ranks, {ds['reps']} "
             "interleaved reps; ratios (median of per-rep ratios) vs ds_zero2 (32-bit, not offloaded)"
