@@ -692,14 +692,19 @@ def deepspeed_offload(rank: int, world: int, tmp: str, stage: int) -> None:
                 assert_params_equal(gathered(engine), expected)
             accelerator.free_memory()
 
-    if stage == 2:
-        # Without "zero_force_ds_cpu_optimizer": false, accelerate (1.x, Accelerator._prepare_deepspeed
-        # -> map_pytorch_optim_to_deepspeed) silently replaces the client optimizer by DeepSpeedCPUAdam
-        # with only lr and weight_decay carried over, and adamw_mode=False (L2 Adam) for any optimizer
-        # that is not a torch.optim.AdamW: shardwise's state_bits, betas, eps and variant are lost.
-        accelerator = _ds_accelerator(_ds_offload_config(2, True, force_ds_cpu_optimizer=True))
-        model = _ds8_model()
-        engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=8))
-        base = _ds_base(opt)
-        assert type(base).__name__ == "DeepSpeedCPUAdam" and base.adam_w_mode is False, type(base)
-        accelerator.free_memory()
+
+def deepspeed_offload_swapped(rank: int, world: int, tmp: str) -> None:
+    """Without "zero_force_ds_cpu_optimizer": false, accelerate (1.x, Accelerator._prepare_deepspeed
+    -> map_pytorch_optim_to_deepspeed) silently replaces the client optimizer by DeepSpeedCPUAdam
+    built on its param groups (lr, betas, eps, weight_decay per group), with adamw_mode=False (L2
+    Adam) for any optimizer that is not a torch.optim.AdamW: decoupled weight decay, state_bits,
+    variant and amsgrad are lost."""
+    accelerator = _ds_accelerator(_ds_offload_config(2, True, force_ds_cpu_optimizer=True))
+    model = _ds8_model()
+    engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=8))
+    base = _ds_base(opt)
+    assert type(base).__name__ == "DeepSpeedCPUAdam" and base.adam_w_mode is False, type(base)
+    accelerator.backward(engine(torch.randn(4, 64)).square().mean())
+    states = list(base.state.values())
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)  # not 8-bit
+    accelerator.free_memory()

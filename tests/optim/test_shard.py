@@ -261,3 +261,12 @@ def test_deepspeed_offload_optimizer(tmp_path, stage):
             assert on["state_bytes"] == off["state_bytes"]
             per_param = {32: 8, 8: 2.04}[bits]  # bytes per parameter of an unsharded optimizer
             assert on["state_bytes"] <= per_param * n_params / 2 + 64, (bits, on["state_bytes"], n_params)
+
+
+@pytest.mark.slow
+def test_deepspeed_offload_without_key_swaps_optimizer(tmp_path):
+    """Why the offload configs say "zero_force_ds_cpu_optimizer": false: without it accelerate
+    silently trains with DeepSpeedCPUAdam (L2 Adam, default betas) instead of the given optimizer.
+    (Loads DeepSpeed's cpu_adam op: JIT-built on first use, ~2.5 min, cached.)"""
+    pytest.importorskip("deepspeed")
+    run_workers(w.deepspeed_offload_swapped, str(tmp_path), world_size=1, timeout=600)
