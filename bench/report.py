@@ -440,11 +440,19 @@ def gpu_check_section(doc: dict, run: dict | None) -> str:
 
 # --------------------------------------------------------------------------------------------- zero
 def zero_section(doc: dict) -> str:
+    def _range(row: dict, what: str) -> str:
+        return f"{row[f'{what}_ratio_min']:.2f}-{row[f'{what}_ratio_max']:.2f}"
+
     out = [
         "ZeRO-1 (bench/zero.py): per-rank optimizer state and step time, 1 vs 2 ranks (gloo processes "
         f"on one machine), {doc['params'] / 1e6:.1f}M fp32 params, {doc.get('cpus', '?')} CPUs, torch "
         f"{doc.get('torch', '?')}. Ratios are against torch AdamW (DDP, every rank keeps all state) "
-        "on 1 rank.",
+        "on 1 rank. "
+        + (
+            f"Measured on: {machine_line(doc)}. {_load_note(doc)}"
+            if doc.get("machine")
+            else "(Measured in an earlier run than the DeepSpeed table below; date and load not recorded.)"
+        ),
         "",
     ]
     body = [
@@ -471,7 +479,67 @@ def zero_section(doc: dict) -> str:
             body,
         )
     )
+    ds = doc.get("deepspeed_zero2")
+    if ds:
+        out += [
+            "",
+            f"DeepSpeed ZeRO-2 with `shardwise.optim.AdamW` on {ds['world']} gloo processes (DeepSpeed's CPU "
+            f"accelerator), an MLP of {ds['params'] / 1e6:.1f}M fp32 params, every engine alive in the same "
+            f"processes and stepped in a rotating order, {ds['reps']} repetitions after {ds['warmup']} "
+            "warmup. Ratios are medians of per-repetition ratios (slowest rank) against the 32-bit, "
+            "non-offloaded engine, range min-max. Train step = forward + `engine.backward` + "
+            "`engine.step()`; `engine.step()` includes DeepSpeed's gradient partition copy (with offload "
+            "the gradients are copied during backward instead) and parameter all-gather; `opt.step()` is "
+            "the shardwise step inside it. "
+            "State is counted from the state tensors on each rank; B/param x world = bytes per rank x "
+            "ranks / params.",
+            "",
+        ]
+        rows = []
+        for r in ds["rows"]:
+            rows.append(
+                [
+                    r["variant"],
+                    f"{r['state_bits']}-bit",
+                    "cpu" if r["offload"] else "none",
+                    fmt_mib(r["state_bytes_per_rank_max"]),
+                    f"{r['state_bytes_per_param_x_world']:.3f}",
+                    f"**{fmt_x(r['train_ratio_median'])}** ({_range(r, 'train')})",
+                    f"{fmt_x(r['step_ratio_median'])} ({_range(r, 'step')})",
+                    f"{fmt_x(r['opt_ratio_median'])} ({_range(r, 'opt')})",
+                    " / ".join(fmt_g(r[f"{what}_ms_median"]) for what in ("train", "step", "opt")),
+                ]
+            )
+        out.append(
+            _table(
+                [
+                    "engine",
+                    "state",
+                    "offload_optimizer",
+                    "state MiB / rank",
+                    "B/param x world",
+                    "train step ratio",
+                    "engine.step() ratio",
+                    "opt.step() ratio",
+                    "ms: train / engine.step() / opt.step()",
+                ],
+                rows,
+            )
+        )
+        if ds.get("machine"):
+            out += ["", f"Measured on: {machine_line(ds)}. {_load_note(ds)}"]
     return "\n".join(out)
+
+
+def _load_note(doc: dict) -> str:
+    load = doc.get("loadavg_1_5_15")
+    if not load:
+        return ""
+    before, after = (", ".join(f"{x:.2f}" for x in load[k]) for k in ("before", "after"))
+    cpus = doc.get("machine", {}).get("logical_cpus") or 0
+    busy = max(load["before"][0], load["after"][0]) > cpus > 0
+    note = f" (above the {cpus} CPUs: other work shared the machine; read the ratios)" if busy else ""
+    return f"Load average (1, 5, 15 min) before / after: {before} / {after}{note}."
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -568,7 +636,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         ("Training memory", "memory", lambda d: memory_section(d, plots)),
         ("End-to-end throughput", "e2e", lambda d: e2e_section(d, plots)),
         ("End-to-end throughput (CUDA)", "e2e_cuda", lambda d: e2e_section(d, plots, "_cuda")),
-        ("ZeRO-1 sharding", "zero", zero_section),
+        ("ZeRO sharding: ZeRO-1, DeepSpeed ZeRO-2 (+ offload)", "zero", zero_section),
         ("8-bit state: training quality", "quality_8bit", lambda d: quality_section(d, results)),
         ("GPU correctness check", "gpu_check", lambda d: gpu_check_section(d, docs["gpu_run"])),
     ]

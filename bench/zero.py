@@ -1,6 +1,7 @@
-"""ZeRO-1 benchmark: per-rank optimizer state memory and step time, 1 vs 2 ranks, in one run.
+"""ZeRO benchmark: per-rank optimizer state memory and step time; ZeRO-1 on 1 vs 2 ranks and
+DeepSpeed ZeRO-2 (with and without CPU offload, 32- vs 8-bit state) on 2 ranks, in one run.
 
-Compares, on the same parameters and (DDP-averaged, here synthetic) gradients:
+ZeRO-1 compares, on the same parameters and (DDP-averaged, here synthetic) gradients:
 
 * ``torch_adamw``: plain DDP ``torch.optim.AdamW(foreach=True)``: every rank keeps all the state;
 * ``torch_zero``: ``torch.distributed.optim.ZeroRedundancyOptimizer(AdamW)``: whole parameters
@@ -8,11 +9,23 @@ Compares, on the same parameters and (DDP-averaged, here synthetic) gradients:
 * ``shardwise``: ``shardwise.optim.AdamW`` unsharded, and with ``shard=True`` (rows of every
   parameter on every rank, bucketed all-gather), 32-bit and 8-bit state.
 
-Step time includes the parameter all-gather of the ZeRO variants. Run::
+Step time includes the parameter all-gather of the ZeRO variants.
 
-    python bench/zero.py [--params-m 8] [--steps 10]
+DeepSpeed ZeRO-2 (2 gloo processes, DeepSpeed's CPU accelerator) trains one MLP per variant, all
+engines alive in the same processes: ``shardwise.optim.AdamW`` with 32- and 8-bit state, each
+with and without ``offload_optimizer: {device: cpu}`` (``zero_force_ds_cpu_optimizer: false``).
+Every repetition runs one training step of every engine in a rotating order and times the whole
+step (forward, ``engine.backward``, ``engine.step()``), ``engine.step()`` alone (gradient
+partition to fp32, the client optimizer's step, the parameter all-gather; with offload the
+gradients were already copied during backward) and, inside it, the client optimizer's own
+``step()``. Ratios are against the 32-bit,
+non-offloaded engine of the same run; state bytes are counted from the state tensors on each rank.
 
-Prints a table with ratios against ``torch_adamw`` on 1 rank and writes bench/results/zero.json.
+Run::
+
+    python bench/zero.py [--params-m 8] [--steps 10] [--no-deepspeed | --deepspeed-only]
+
+Prints tables with ratios against their anchors and writes bench/results/zero.json.
 The ranks are processes on one machine using gloo; on a shared CPU the absolute times are noisy:
 compare ratios measured in one run.
 """
@@ -20,15 +33,17 @@ compare ratios measured in one run.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
+import statistics
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import fmt_x, free_port, state_bytes, write_json
+from common import fmt_x, free_port, machine_facts, state_bytes, write_json
 
 VARIANTS = ["torch_adamw", "torch_zero", "shardwise", "shardwise_zero1", "shardwise_zero1_8bit"]
 
@@ -107,6 +122,167 @@ def run(world: int, args) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------ DeepSpeed ZeRO-2
+#: (name, state_bits, offload): the first one is the anchor of the ratios.
+DS_VARIANTS = [
+    ("ds_zero2", 32, False),
+    ("ds_zero2_8bit", 8, False),
+    ("ds_zero2_offload", 32, True),
+    ("ds_zero2_offload_8bit", 8, True),
+]
+
+
+def _ds_config(offload: bool, micro_batch: int) -> dict:
+    zero: dict = {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False  # keep the client optimizer (see docs/sharding.md)
+    return config
+
+
+def _ds_mlp(params_m: float, width: int) -> torch.nn.Module:
+    # Blocks of Linear(width, 4 width) + Linear(4 width, width): ~8 width**2 parameters each.
+    blocks = max(1, round(params_m * 1e6 / (8 * width * width)))
+    layers = []
+    for _ in range(blocks):
+        layers += [torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)]
+    return torch.nn.Sequential(*layers)
+
+
+def _ds_worker(rank: int, world: int, port: int, args, out) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    import deepspeed
+
+    from shardwise.optim import AdamW
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=600))
+    width, batch = args.ds_width, 8
+    engines, train_times, step_times, opt_times = {}, {}, {}, {}
+    for name, bits, offload in DS_VARIANTS:
+        torch.manual_seed(0)
+        model = _ds_mlp(args.params_m, width)
+        opt = AdamW(model.parameters(), lr=1e-4, state_bits=bits)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(offload, batch))
+        assert engine.optimizer.optimizer is opt and engine.optimizer.cpu_offload is offload, name
+        opt_times[name], step_times[name], train_times[name] = [], [], []
+        opt.step = _timed(opt.step, opt_times[name])  # DeepSpeed calls it once per param group
+        engines[name] = engine
+    n_params = sum(p.numel() for p in engines["ds_zero2"].module.parameters())
+    g = torch.Generator().manual_seed(1 + rank)
+    x, y = torch.randn(batch, width, generator=g), torch.randn(batch, width, generator=g)
+    names = list(engines)
+    for r in range(args.warmup + args.ds_reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:  # rotating order: load changes hit every variant alike
+            engine = engines[name]
+            before = len(opt_times[name])
+            dist.barrier()
+            t0 = time.perf_counter()
+            engine.backward((engine(x) - y).square().mean())  # offload: gradients copied here
+            t1 = time.perf_counter()
+            engine.step()
+            t2 = time.perf_counter()
+            if r < args.warmup:
+                del opt_times[name][before:]
+            else:
+                train_times[name].append(t2 - t0)
+                step_times[name].append(t2 - t1)
+                opt_times[name][before:] = [sum(opt_times[name][before:])]
+    mine = {
+        name: {
+            "state_bytes": engines[name].optimizer.optimizer.state_bytes(),
+            "state_devices": sorted(
+                {v.device.type for s in engines[name].optimizer.optimizer.state.values() for v in s.values()}
+            ),
+            "train_ms": [1e3 * t for t in train_times[name]],
+            "step_ms": [1e3 * t for t in step_times[name]],
+            "opt_ms": [1e3 * t for t in opt_times[name]],
+        }
+        for name in names
+    }
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        out.put({"params": n_params, "ranks": gathered})
+    dist.barrier()
+
+
+def _timed(fn, times: list[float]):
+    def step(*a, **kw):
+        t0 = time.perf_counter()
+        result = fn(*a, **kw)
+        times.append(time.perf_counter() - t0)
+        return result
+
+    return step
+
+
+def run_deepspeed(args, world: int = 2) -> dict:
+    """DeepSpeed ZeRO-2 on ``world`` gloo processes: state bytes per rank and step-time ratios."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ds_worker, args=(r, world, port, args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    res = out.get(timeout=3600)
+    for p in procs:
+        p.join(timeout=60)
+    n_params, ranks = res["params"], res["ranks"]
+
+    def slowest(name: str, key: str) -> list[float]:  # per repetition, the slowest rank
+        return [max(vals) for vals in zip(*(r[name][key] for r in ranks))]
+
+    anchor = {key: slowest("ds_zero2", key) for key in ("train_ms", "step_ms", "opt_ms")}
+    rows = []
+    for name, bits, offload in DS_VARIANTS:
+        row = {"variant": name, "state_bits": bits, "offload": offload, "world": world}
+        sb = [r[name]["state_bytes"] for r in ranks]
+        row["state_bytes_per_rank_max"] = max(sb)
+        row["state_bytes_per_rank_min"] = min(sb)
+        # per rank, in bytes per parameter of the model times world: 8 (fp32 moments) or ~2.03 (8-bit)
+        row["state_bytes_per_param_x_world"] = max(sb) * world / n_params
+        row["state_devices"] = sorted({d for r in ranks for d in r[name]["state_devices"]})
+        for what in ("train", "step", "opt"):
+            times = slowest(name, f"{what}_ms")
+            paired = [t / a for t, a in zip(times, anchor[f"{what}_ms"])]  # same repetition, same load
+            row.update(
+                {
+                    f"{what}_ms_median": statistics.median(times),
+                    f"{what}_ms_min": min(times),
+                    f"{what}_ms_max": max(times),
+                    f"{what}_ratio_median": statistics.median(paired),
+                    f"{what}_ratio_min": min(paired),
+                    f"{what}_ratio_max": max(paired),
+                }
+            )
+        rows.append(row)
+    return {
+        "params": n_params,
+        "world": world,
+        "width": args.ds_width,
+        "reps": args.ds_reps,
+        "warmup": args.warmup,
+        "rows": rows,
+    }
+
+
 def headline(doc: dict) -> list[str]:
     """This result's line in the README headline (report.py prints it as it is)."""
     two = {r["variant"]: r for r in doc["rows"] if r["world"] == 2}
@@ -128,8 +304,46 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "zero.json"))
+    parser.add_argument("--ds-width", type=int, default=512, help="DeepSpeed MLP width (params-m sets depth)")
+    parser.add_argument("--ds-reps", type=int, default=40, help="DeepSpeed interleaved repetitions")
+    parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", help="ZeRO-1 only")
+    parser.add_argument(
+        "--deepspeed-only",
+        action="store_true",
+        help="run the DeepSpeed case only and replace it in an existing --out JSON (ZeRO-1 rows kept)",
+    )
     args = parser.parse_args()
 
+    # --deepspeed-only keeps the ZeRO-1 results of an earlier run (with their own date and load)
+    payload = json.loads(Path(args.out).read_text()) if args.deepspeed_only else run_zero1(args)
+    if args.deepspeed:
+        load_before = os.getloadavg()
+        ds = payload["deepspeed_zero2"] = run_deepspeed(args)
+        ds["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
+        ds["machine"] = machine_facts()
+        ds["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "deepspeed_only")}
+        ds["config"]["threads"] = max(1, (os.cpu_count() or 2) // ds["world"])  # per rank
+        print(
+            f"\nDeepSpeed ZeRO-2, {ds['params'] / 1e6:.1f}M fp32 params, 2 gloo ranks, {ds['reps']} "
+            "interleaved reps; ratios (median of per-rep ratios) vs ds_zero2 (32-bit, not offloaded)"
+        )
+        header = ("variant", "state MB/rank", "B/param*world", "train ratio", "step ratio", "opt ratio")
+        print("{:<22} {:>13} {:>13} {:>11} {:>10} {:>9}".format(*header))
+        for r in ds["rows"]:
+            print(
+                f"{r['variant']:<22} {r['state_bytes_per_rank_max'] / 2**20:>13.1f} "
+                f"{r['state_bytes_per_param_x_world']:>13.3f} {r['train_ratio_median']:>11.2f} "
+                f"{r['step_ratio_median']:>10.2f} {r['opt_ratio_median']:>9.2f}"
+            )
+        print("(train: forward + backward + engine.step(); step: engine.step(); opt: shardwise's step in it)")
+        print(f"load average (1, 5, 15 min) before / after: {ds['loadavg_1_5_15']}")
+    payload["headline"] = headline(payload)
+    write_json(args.out, payload)
+
+
+def run_zero1(args) -> dict:
+    """ZeRO-1 on 1 and 2 ranks: the ``rows`` of zero.json."""
+    load_before = os.getloadavg()
     n_params = sum(torch.Size(s).numel() for s in _shapes(args.params_m))
     by_world = {w: run(w, args) for w in (1, 2)}
     base = by_world[1]["torch_adamw"]
@@ -154,9 +368,15 @@ def main() -> None:
             f"{variant} on 2 ranks: max/min state per rank = "
             f"{r['state_bytes_per_rank_max'] / max(1, r['state_bytes_per_rank_min']):.3f} (1.0 = balanced)"
         )
-    payload = {"params": n_params, "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}
-    payload["headline"] = headline(payload)
-    write_json(args.out, payload)
+    return {
+        "params": n_params,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()},
+        "machine": machine_facts(),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "deepspeed_only")},
+    }
 
 
 if __name__ == "__main__":

@@ -615,3 +615,96 @@ def deepspeed_8bit(rank: int, world: int, tmp: str) -> None:
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
                 assert_params_equal(list(engine.module.parameters()), expected)
         accelerator.free_memory()
+
+
+# ----------------------------------------------------------------------------------------- ZeRO-Offload
+def _ds_offload_config(stage: int, offload: bool, *, force_ds_cpu_optimizer: bool = False) -> dict:
+    config = _ds_config(stage)
+    if offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if not force_ds_cpu_optimizer:
+            # Without this key accelerate swaps the client optimizer for DeepSpeedCPUAdam (and
+            # DeepSpeed itself would refuse a client optimizer under offload).
+            config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def _ds_base(opt):
+    """The client optimizer inside accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
+    return opt.optimizer.optimizer if hasattr(opt.optimizer, "optimizer") else opt.optimizer
+
+
+def deepspeed_offload(rank: int, world: int, tmp: str, stage: int) -> None:
+    """Issue 19 (2a): shardwise AdamW as DeepSpeed ZeRO-Offload's optimizer (offload_optimizer:
+    cpu, zero_force_ds_cpu_optimizer: false). For 32- and 8-bit state, 6 steps offloaded and not
+    offloaded on the same per-rank data; writes each run's gathered weights and this rank's state,
+    and checks in place what needs the live engine: DeepSpeed really takes its offload path, the
+    client optimizer is ours, its state is on the CPU (8-bit codes where expected), and
+    Accelerator.save_state / load_state resume an offloaded run exactly."""
+    import deepspeed
+
+    data = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    target = torch.randn(32, 17, generator=torch.Generator().manual_seed(3))
+
+    def steps(accelerator, engine, rng):
+        for i in rng:
+            rows = slice((i % 4) * 8 + rank * 4, (i % 4) * 8 + rank * 4 + 4)  # different rows per rank
+            accelerator.backward((engine(data[rows]) - target[rows]).square().mean())
+
+    def gathered(engine):
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return [p.detach().clone() for p in engine.module.parameters()]
+
+    def start(offload: bool, bits: int):
+        accelerator = _ds_accelerator(_ds_offload_config(stage, offload))
+        model = _ds8_model()
+        engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=bits))
+        return accelerator, engine, opt
+
+    for bits in (32, 8):
+        for offload in (False, True):
+            accelerator, engine, opt = start(offload, bits)
+            zero = engine.optimizer  # DeepSpeed's ZeRO optimizer around ours
+            assert (zero.cpu_offload if stage < 3 else zero.offload_optimizer) is offload, type(zero)
+            base = _ds_base(opt)
+            assert isinstance(base, AdamW), type(base)
+            steps(accelerator, engine, range(6))
+            tensors = [v for s in base.state.values() for k, v in s.items() if k != "step"]
+            assert tensors and all(t.device.type == "cpu" for t in tensors)
+            if bits == 8:  # the flat buffer (20992 elements) is above the 8-bit threshold
+                for s in base.state.values():
+                    assert s["exp_avg"].dtype == torch.int8 and s["exp_avg_sq"].dtype == torch.uint8
+            # (base.state, not state_dict(): ZeRO-3 empties the optimizer's param groups between steps)
+            state = [{k: v.clone() for k, v in s.items()} for s in base.state.values()]
+            torch.save(
+                {"weights": gathered(engine), "state": state, "state_bytes": base.state_bytes()},
+                os.path.join(tmp, f"off{int(offload)}_b{bits}_r{rank}.pt"),
+            )
+            if offload:  # save, go on 3 steps; a fresh offloaded run loads the save and must match
+                out = os.path.join(tmp, f"off_ckpt{bits}")
+                accelerator.save_state(out)
+                steps(accelerator, engine, range(6, 9))
+                expected = gathered(engine)
+                accelerator.free_memory()
+                accelerator, engine, opt = start(True, bits)
+                accelerator.load_state(out)
+                steps(accelerator, engine, range(6, 9))
+                assert_params_equal(gathered(engine), expected)
+            accelerator.free_memory()
+
+
+def deepspeed_offload_swapped(rank: int, world: int, tmp: str) -> None:
+    """Without "zero_force_ds_cpu_optimizer": false, accelerate (1.x, Accelerator._prepare_deepspeed
+    -> map_pytorch_optim_to_deepspeed) silently replaces the client optimizer by DeepSpeedCPUAdam
+    built on its param groups (lr, betas, eps, weight_decay per group), with adamw_mode=False (L2
+    Adam) for any optimizer that is not a torch.optim.AdamW: decoupled weight decay, state_bits,
+    variant and amsgrad are lost."""
+    accelerator = _ds_accelerator(_ds_offload_config(2, True, force_ds_cpu_optimizer=True))
+    model = _ds8_model()
+    engine, opt = accelerator.prepare(model, AdamW(model.parameters(), lr=1e-2, state_bits=8))
+    base = _ds_base(opt)
+    assert type(base).__name__ == "DeepSpeedCPUAdam" and base.adam_w_mode is False, type(base)
+    accelerator.backward(engine(torch.randn(4, 64)).square().mean())
+    states = list(base.state.values())
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)  # not 8-bit
+    accelerator.free_memory()

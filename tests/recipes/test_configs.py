@@ -85,6 +85,9 @@ def test_deepspeed_json(path):
     assert data["zero_allow_untested_optimizer"] is True
     assert data["train_micro_batch_size_per_gpu"] == "auto" and data["gradient_accumulation_steps"] == "auto"
     assert data["zero_optimization"]["stage"] in (1, 2, 3)
+    if data["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none":
+        # else accelerate swaps the shardwise optimizer for DeepSpeedCPUAdam (docs/sharding.md)
+        assert data["zero_force_ds_cpu_optimizer"] is False
 
 
 @pytest.mark.slow
@@ -122,6 +125,7 @@ RUN_ON_CPU = {
     "deepspeed_zero1.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs",
     "deepspeed_zero2.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs (+ finetune_bert)",
     "deepspeed_zero3.yaml": "test_sft_chat.py::test_tiny_under_accelerate_configs (+ finetune_bert)",
+    "deepspeed_zero2_offload.yaml": "test_finetune_bert.py::test_tiny_deepspeed (8-bit state, offloaded)",
 }
 CANNOT_RUN_ON_CPU = {
     # accelerate ignores its FSDP plugin without CUDA and would silently run DDP; the recipes refuse
@@ -139,8 +143,10 @@ def test_every_accelerate_config_is_exercised():
     shipped = {p.name for p in (CONFIGS / "accelerate").glob("*.yaml")}
     assert shipped == set(RUN_ON_CPU) | set(CANNOT_RUN_ON_CPU), "classify the new config above"
     assert not set(RUN_ON_CPU) & set(CANNOT_RUN_ON_CPU)
+    from .test_finetune_bert import DEEPSPEED_CONFIGS  # what finetune_bert's test_tiny_deepspeed runs
     from .test_sft_chat import ACCELERATE_CONFIGS  # what test_tiny_under_accelerate_configs runs
 
-    assert set(RUN_ON_CPU) == {c for c, *_ in ACCELERATE_CONFIGS} | {"cpu_ddp.yaml"}
+    ran = {c for c, *_ in ACCELERATE_CONFIGS} | {c for c, _ in DEEPSPEED_CONFIGS} | {"cpu_ddp.yaml"}
+    assert set(RUN_ON_CPU) == ran
     for name, reason in CANNOT_RUN_ON_CPU.items():
         assert reason(load_config_from_file(str(CONFIGS / "accelerate" / name))), name

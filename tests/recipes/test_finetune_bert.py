@@ -71,16 +71,44 @@ def test_tiny_two_processes_sharded_8bit(tmp_path):
     _check_outputs(out, 8)
 
 
+def _check_offloaded_8bit_checkpoint(out):
+    """DeepSpeed's per-rank optimizer files hold shardwise's 8-bit codes: the client optimizer ran
+    under ZeRO-Offload (accelerate did not swap in DeepSpeedCPUAdam, whose state is fp32)."""
+    import torch
+
+    files = sorted((out / "checkpoints" / "step_0000008").rglob("*optim_states.pt"))
+    assert len(files) == 2, files  # one per rank
+    for f in files:
+        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        dtypes = [s["exp_avg"].dtype for s in sd["base_optimizer_state"]["state"].values()]
+        assert torch.int8 in dtypes, dtypes  # the decay group (weights); the small no-decay one: fp32
+
+
+# (accelerate config, recipe overrides): also read by test_configs.py's every-config check
+DEEPSPEED_CONFIGS = [
+    ("deepspeed_zero2.yaml", []),
+    ("deepspeed_zero3.yaml", []),
+    ("deepspeed_zero2_offload.yaml", ["optimizer.state_bits=8"]),  # ZeRO-Offload, 8-bit state on the CPU
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ds_config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
-def test_tiny_deepspeed(tmp_path, ds_config):
+@pytest.mark.parametrize("ds_config, overrides", DEEPSPEED_CONFIGS, ids=[c for c, _ in DEEPSPEED_CONFIGS])
+def test_tiny_deepspeed(tmp_path, ds_config, overrides):
     out = tmp_path / "run"
     cmd = recipe_cmd(
-        "finetune_bert.py", "bert_tiny.yaml", f"train.output_dir={out}", *FAST, accelerate_config=ds_config
+        "finetune_bert.py",
+        "bert_tiny.yaml",
+        f"train.output_dir={out}",
+        *FAST,
+        *overrides,
+        accelerate_config=ds_config,
     )
     proc = run(cmd, timeout=900)  # the first DeepSpeed run JIT-builds a comm op (~2 min, cached)
     assert "DEEPSPEED x2" in proc.stdout
     _check_outputs(out, 8)
+    if "offload" in ds_config:
+        _check_offloaded_8bit_checkpoint(out)
     from transformers import AutoModelForSequenceClassification
 
     # ZeRO-3 partitions the weights: save_pretrained must still get the full, gathered tensors
