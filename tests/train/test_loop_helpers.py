@@ -110,3 +110,28 @@ def test_shard_under_deepspeed_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="optimizer.shard=true under DeepSpeed"):
         build_optimizer(model, OptimizerConfig(shard=True), total_steps=10)
     build_optimizer(model, OptimizerConfig(shard=False), total_steps=10)  # DeepSpeed's own ZeRO: fine
+
+
+def test_configure_deepspeed_keeps_the_recipe_optimizer_under_offload():
+    """ZeRO-Offload without zero_force_ds_cpu_optimizer=false: accelerate silently swaps the recipe's
+    optimizer for DeepSpeedCPUAdam; configure_deepspeed sets the key, and refuses an explicit true."""
+    from accelerate.utils import DistributedType
+
+    from shardwise.errors import ConfigError
+    from shardwise.train.accel import configure_deepspeed
+
+    def fake(ds: dict):
+        plugin = SimpleNamespace(deepspeed_config=ds)
+        return SimpleNamespace(
+            distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+        )
+
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    ds = {**offload, "gradient_clipping": "auto"}
+    configure_deepspeed(fake(ds), TrainConfig(max_grad_norm=0.5))
+    assert ds["zero_force_ds_cpu_optimizer"] is False and ds["gradient_clipping"] == 0.5
+    no_offload = {"zero_optimization": {"stage": 2}}
+    configure_deepspeed(fake(no_offload), TrainConfig())
+    assert "zero_force_ds_cpu_optimizer" not in no_offload  # nothing to swap without offload
+    with pytest.raises(ConfigError, match="zero_force_ds_cpu_optimizer"):
+        configure_deepspeed(fake({**offload, "zero_force_ds_cpu_optimizer": True}), TrainConfig())

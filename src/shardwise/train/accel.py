@@ -17,6 +17,8 @@ from datetime import timedelta
 
 import torch
 
+from shardwise.errors import ConfigError
+
 from .sections import TrainConfig
 
 
@@ -95,6 +97,19 @@ def configure_deepspeed(accelerator, train: TrainConfig) -> None:
         ds["gradient_clipping"] = train.max_grad_norm if train.max_grad_norm is not None else 0.0
     # a shardwise optimizer is not on DeepSpeed's tested list; it is a plain torch.optim.Optimizer
     ds["zero_allow_untested_optimizer"] = True
+    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    if offload not in ("none", None):
+        # ZeRO-Offload: without this key accelerate silently swaps the recipe's optimizer for
+        # DeepSpeedCPUAdam (L2 instead of decoupled weight decay, 32-bit state, no variant); with it,
+        # DeepSpeed hands shardwise AdamW the same flat partitions, allocated in host memory
+        if ds.get("zero_force_ds_cpu_optimizer") is True:
+            raise ConfigError(
+                "the DeepSpeed config sets zero_force_ds_cpu_optimizer: true with offload_optimizer: "
+                "DeepSpeed would replace the recipe's optimizer (optimizer.* settings, 8-bit state) "
+                "with DeepSpeedCPUAdam",
+                hint='set "zero_force_ds_cpu_optimizer": false (see configs/deepspeed/zero2_offload.json)',
+            )
+        ds["zero_force_ds_cpu_optimizer"] = False
 
 
 def describe(accelerator) -> str:
