@@ -27,10 +27,12 @@ Correct by construction, not by convention:
 * ``overlap_backward=True`` copies each gradient to the host as soon as autograd has accumulated
   it (``register_post_accumulate_grad_hook``) and records which tensor, at which version, it
   copied; ``step()`` re-copies every gradient that is no longer that tensor at that version
-  (gradient clipping, unscaling, accumulation and ``zero_grad`` all write in place and bump it).
-  Under an initialized process group of more than one rank the hooks copy nothing: DDP writes
-  the all-reduced gradients in ways a version counter does not always show (docs/offload.md), so
-  every gradient is copied at ``step()``.
+  (gradient accumulation, ``clip_grad_norm_`` and ``zero_grad`` write in place and bump it).
+  ``GradScaler.unscale_`` does not bump it, so under a scaler (which hands this optimizer its
+  scale: ``_step_supports_amp_scaling``) no hook copy is trusted. Under an initialized process
+  group of more than one rank the hooks copy nothing and every gradient is copied at ``step()``,
+  after DDP's all-reduce: whether DDP's writes show in the version depends on the order of its
+  hooks and ours and on collectives writing raw memory (docs/offload.md).
 """
 
 from __future__ import annotations
@@ -155,11 +157,12 @@ class _StateView(Mapping):
     def __init__(self, owner: CPUOffloadOptimizer) -> None:
         self._owner = weakref.proxy(owner)
 
-    def __getitem__(self, p: Tensor) -> Any:  # like torch's defaultdict: {} before the first step
+    def __getitem__(self, p: Tensor) -> Any:
         slot = self._owner._slot_of.get(id(p))
         if slot is None or slot.param is not p:
             raise KeyError("not a parameter of this optimizer")
-        return self._owner.inner.state[slot.master]
+        inner = self._owner.inner.state
+        return inner.get(slot.master, {})  # (no entry created) torch reads {} before the first step
 
     def __contains__(self, p: object) -> bool:
         slot = self._owner._slot_of.get(id(p))
