@@ -474,7 +474,12 @@ def offload_section(doc: dict) -> str:
         "host, update, parameters back), all candidates interleaved in one process "
         f"({cfg['reps']} rounds after {cfg['warmup']} warmup). No accelerator was used: the device "
         "parameters are host tensors too, so every copy is a memcpy, not a PCIe transfer.",
-        f"\nMeasured on: {machine_line(doc)}.",
+        f"\nMeasured on: {machine_line(doc)}"
+        + (
+            f"; load average {doc['loadavg_before'][0]:.1f} before, {doc['loadavg_after'][0]:.1f} after."
+            if "loadavg_before" in doc
+            else "."
+        ),
         _quick_note(doc),
     ]
     for s in doc["sets"]:
