@@ -477,27 +477,33 @@ def test_recipe_key_is_validated():
 
 
 @pytest.mark.slow
-def test_tiny_gpt_recipe_offloaded(tmp_path):
+def test_tiny_gpt_recipe_offloaded_and_resumed_exactly(tmp_path):
+    """The GPT recipe with optimizer.offload=cpu (8-bit state): trains, and resumed from its step-4
+    checkpoint repeats the uninterrupted run's losses and learning rates exactly."""
     from ..helpers import ensure_assets, metrics, recipe_cmd, run
 
     ensure_assets("smollm2", "shakespeare")
-    out = tmp_path / "run"
-    proc = run(
-        recipe_cmd(
-            "finetune_gpt.py",
-            "gpt_tiny.yaml",
-            f"train.output_dir={out}",
-            "optimizer.offload=cpu",
-            "optimizer.state_bits=8",
-            "train.report_to=[]",
-            "train.progress=false",
-        )
-    )
+    common = [
+        "optimizer.offload=cpu",
+        "optimizer.state_bits=8",
+        "train.log_every=1",
+        "train.report_to=[]",
+        "train.progress=false",
+    ]
+    full = tmp_path / "full"
+    proc = run(recipe_cmd("finetune_gpt.py", "gpt_tiny.yaml", f"train.output_dir={full}", *common))
     assert "CPUOffloadOptimizer[AdamW](" in proc.stdout and "offload=cpu" in proc.stdout
-    m = metrics(out)
+    m = metrics(full)
     assert m["final"]["steps"] == 8 and math.isfinite(m["final"]["eval/loss"])
     losses = [r["train/loss"] for r in m["history"] if "train/loss" in r]
     assert losses[-1] < losses[0], losses
+
+    resumed = tmp_path / "resumed"
+    ckpt = full / "checkpoints" / "step_0000004"
+    overrides = [f"train.output_dir={resumed}", f"train.resume_from_checkpoint={ckpt}"]
+    run(recipe_cmd("finetune_gpt.py", "gpt_tiny.yaml", *overrides, *common))
+    assert metrics(resumed)["history"] == m["history"]
+    assert metrics(resumed)["final"]["eval/loss"] == m["final"]["eval/loss"]
 
 
 # ------------------------------------------------------------------------------ DDP, 2 processes
