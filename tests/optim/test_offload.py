@@ -510,7 +510,7 @@ def test_tiny_gpt_recipe_offloaded_and_resumed_exactly(tmp_path):
 def ddp_worker(rank: int, world: int, bucket_view: bool) -> None:
     """DDP (gloo) with and without offload, overlap_backward requested, clipping: same parameters.
     Ranks start from different weights: DDP's broadcast writes rank 0's into the model behind the
-    optimizer's back, which the masters must follow."""
+    optimizer's back, which the masters must follow. Then FSDP2 parameters are refused."""
     from .._dist import init_gloo
 
     init_gloo()
@@ -537,6 +537,12 @@ def ddp_worker(rank: int, world: int, bucket_view: bool) -> None:
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, [p.sum().item() for p in results[1]])
     assert gathered[0] == gathered[1]
+    # FSDP2 (real DTensor parameters): refused, naming its own offload policy
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = fully_shard(Tiny())
+    with pytest.raises(ValueError, match="CPUOffloadPolicy"):
+        CPUOffloadOptimizer(sharded.parameters())
 
 
 @pytest.mark.slow
