@@ -109,6 +109,28 @@ def test_twenty_steps_offloaded_equal_plain_bit_for_bit(bits, overlap, bucket_nu
     assert off.state[off_model.emb.weight]["exp_avg"] is off.inner.state[off.masters[0]]["exp_avg"]
 
 
+def test_any_torch_optimizer_class_inside():
+    """torchao's shape: optimizer_class may be any torch.optim.Optimizer (here torch's fused AdamW)."""
+    results = []
+    for offload in (False, True):
+        model = Tiny()
+        groups = param_groups(model, 0.1)
+        kw = dict(lr=1e-2, fused=True)
+        opt = (
+            CPUOffloadOptimizer(groups, torch.optim.AdamW, **kw)
+            if offload
+            else torch.optim.AdamW(groups, **kw)
+        )
+        train(model, opt, range(10), clip=0.05)
+        results.append(params_of(model))
+    assert_params_equal(*results)
+    assert isinstance(opt.inner, torch.optim.AdamW) and set(opt.state_dict()["state"][0]) == {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+    }
+
+
 def test_bf16_params_fp32_master_exact_on_the_same_gradients():
     """bf16 parameters with an fp32 master follow the fp32 run exactly when given the same gradients
     (bf16-representable ones): master == fp32 parameters, device parameters == them rounded."""
