@@ -22,6 +22,7 @@ others share one set. The wrapper copies every gradient at each step (no ``overl
     python bench/offload.py                 # both sets, 2 threads
     python bench/offload.py --quick         # tiny sizes (seconds)
     python bench/offload.py --sets dense    # only 16 x 1024x1024
+    python bench/offload.py --device cuda --out bench/results/offload_cuda.json   # on a GPU (untested)
 """
 
 from __future__ import annotations
@@ -75,12 +76,15 @@ def dense_shapes(quick: bool) -> list[tuple[int, ...]]:
     return [(256, 256)] * 2 if quick else [(1024, 1024)] * 16
 
 
+DEVICE = "cpu"  # --device: where the "device" parameters and gradients live
+
+
 def _device_params(shapes, dtype, seed: int = 0) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=g).to(dtype))
-        p.grad = (torch.randn(s, generator=g) * 1e-2).to(dtype)
+        p = torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype))
+        p.grad = (torch.randn(s, generator=g) * 1e-2).to(DEVICE, dtype)
         params.append(p)
     return params
 
@@ -96,11 +100,15 @@ def _deepspeed(shared: list[torch.nn.Parameter], cache: dict) -> dict:
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            masters = [torch.nn.Parameter(p.detach().clone()) for p in shared]
-            bufs = [torch.empty_like(p) for p in shared]
+            pin = DEVICE.startswith("cuda")  # ZeRO-Offload pins its host buffers
+            masters = [
+                torch.nn.Parameter(p.detach().cpu().pin_memory() if pin else p.detach().clone())
+                for p in shared
+            ]
+            bufs = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for p in shared]
             for m, b in zip(masters, bufs):
                 m.grad = b
-            torch._foreach_copy_(bufs, [p.grad for p in shared])
+                b.copy_(m)
             opt = DeepSpeedCPUAdam(masters, lr=LR, weight_decay=WD, adamw_mode=True)
             cache["deepspeed"] = {"opt": opt, "masters": masters, "bufs": bufs}
         except Exception as e:
@@ -131,10 +139,19 @@ def build(
         grads, params = [p.grad for p in shared], list(shared)
 
         def offloaded():
-            torch._foreach_copy_(bufs, grads)
+            if DEVICE == "cpu":
+                torch._foreach_copy_(bufs, grads)
+            else:
+                for b, g in zip(bufs, grads):
+                    b.copy_(g, non_blocking=True)
+                torch.cuda.synchronize()
             opt.step()
             with torch.no_grad():
-                torch._foreach_copy_(params, masters)
+                if DEVICE == "cpu":
+                    torch._foreach_copy_(params, masters)
+                else:
+                    for p, m in zip(params, masters):
+                        p.copy_(m, non_blocking=True)
 
         return offloaded, info
     # CPUOffloadOptimizer: its own device parameters (it owns their values between steps)
@@ -169,7 +186,7 @@ def run_set(set_name: str, shapes, names: list[str], args) -> dict:
             log(f"  {name}: {row['status']}")
         rows[name] = row
     log(f"timing {len(steps)} candidates: {args.warmup} warmup + {args.reps} interleaved rounds")
-    times = interleaved(steps, args.reps, args.warmup, "cpu", log)
+    times = interleaved(steps, args.reps, args.warmup, DEVICE, log)
     for name, row in rows.items():
         if f"{name}!" in times:
             row["status"] = times[f"{name}!"]
@@ -237,11 +254,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="dense,smollm2_135m", help="comma list: dense, smollm2_135m")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device", default="cpu", help="where the model's parameters live (cuda: real D2H / H2D copies)"
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "offload.json"))
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     if args.quick:
         args.reps, args.warmup = 2, 1
     torch.set_num_threads(args.threads)
@@ -262,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         sets.append(run_set(name, shapes_of(args.quick), names, args))
     payload = {
         "benchmark": "offload",
-        "machine": machine_facts("cpu"),
+        "machine": machine_facts(args.device),
         "config": {
             "threads": torch.get_num_threads(),
             "reps": args.reps,
@@ -270,7 +292,12 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick,
             "lr": LR,
             "weight_decay": WD,
-            "device": "cpu (no accelerator: the device parameters are host tensors too)",
+            "device": args.device
+            + (
+                " (no accelerator: the device parameters are host tensors too)"
+                if args.device == "cpu"
+                else ""
+            ),
         },
         "baseline": BASELINE,
         "sets": sets,

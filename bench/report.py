@@ -472,8 +472,13 @@ def offload_section(doc: dict) -> str:
         "the optimizer state in host memory and steps there. Host and device bytes per parameter are "
         "measured from the tensors each candidate holds; times are one `step()` (gradients to the "
         "host, update, parameters back), all candidates interleaved in one process "
-        f"({cfg['reps']} rounds after {cfg['warmup']} warmup). No accelerator was used: the device "
-        "parameters are host tensors too, so every copy is a memcpy, not a PCIe transfer.",
+        f"({cfg['reps']} rounds after {cfg['warmup']} warmup). "
+        + (
+            "No accelerator was used: the device parameters are host tensors too, so every copy is a "
+            "memcpy, not a PCIe transfer."
+            if str(cfg.get("device", "cpu")).startswith("cpu")
+            else f"Device: `{cfg['device']}`."
+        ),
         f"\nMeasured on: {machine_line(doc)}"
         + (
             f"; load average {doc['loadavg_before'][0]:.1f} before, {doc['loadavg_after'][0]:.1f} after."
