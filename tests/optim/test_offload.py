@@ -46,8 +46,9 @@ def batch(step: int, micro: int = 0):
 
 
 def loss_of(model, step: int, micro: int = 0):
+    device = next(model.parameters()).device
     idx, y = batch(step, micro)
-    return F.cross_entropy(model(idx).float(), y)
+    return F.cross_entropy(model(idx.to(device)).float(), y.to(device))
 
 
 def train(model, opt, steps, *, accum: int = 1, clip: float | None = None, sched=None, nan_at=()):
@@ -174,6 +175,50 @@ def test_bf16_model_close_to_fp32_run():
         assert torch.equal(q.detach(), m.bfloat16())
         moved = max(moved, (p.detach() - p0.detach()).abs().max().item())
     assert moved > 0.015  # the tolerance is below the distance trained
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "overlap,dtype,bits,move_after",
+    [
+        (False, torch.float32, 32, False),
+        (True, torch.float32, 8, False),
+        (True, torch.bfloat16, 32, False),
+        (False, torch.float32, 32, True),  # built on CPU, model.cuda() after: masters re-pinned
+    ],
+)
+def test_cuda_offload_equals_the_host_update(overlap, dtype, bits, move_after):
+    """On a GPU (streams, events, pinned slabs, non_blocking copies): each step equals, bit for bit,
+    shardwise AdamW run on the host with the same (CUDA-computed, clipped) gradients; the device
+    parameters are the masters rounded to their dtype."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = Tiny().to(dtype) if move_after else Tiny().to("cuda", dtype)
+    opt = make(model, True, state_bits=bits, overlap_backward=overlap, bucket_numel=5000)
+    if move_after:
+        model.cuda()
+    ref_groups = [
+        {
+            "params": [nn.Parameter(p.detach().float().cpu()) for p in g["params"]],
+            "weight_decay": g["weight_decay"],
+        }
+        for g in opt.param_groups
+    ]
+    ref_opt = AdamW(ref_groups, lr=1e-2, state_bits=bits)
+    ref = in_group_order(ref_opt)
+    for step in range(10):
+        loss_of(model, step).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        for r, p in zip(ref, in_group_order(opt)):
+            r.grad = p.grad.detach().float().cpu()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        for r, p, m in zip(ref, in_group_order(opt), opt.masters):
+            assert torch.equal(m, r.detach()), step
+            assert p.is_cuda and torch.equal(p.detach().cpu(), r.detach().to(dtype)), step
+    assert all(s.pinned for s in opt._slots) and all(m.is_pinned() for m in opt.masters)
 
 
 # ------------------------------------------------------------------------------ state dict, resume
