@@ -2,7 +2,7 @@
 
 Nothing here measures anything and no number is typed by hand: every figure in BENCHMARKS.md comes
 from a results JSON written by one of the bench scripts (optim_step, optim_step_cuda, scaling,
-memory, e2e, zero). A missing JSON becomes a "not run" line; results taken with ``--quick`` are
+memory, e2e, zero, offload). A missing JSON becomes a "not run" line; results taken with ``--quick`` are
 flagged as smoke-test sizes. The headline ratios (for the README) go into the marked block
 ``<!-- bench:headline -->`` ... ``<!-- /bench:headline -->``.
 
@@ -542,6 +542,63 @@ def _load_note(doc: dict) -> str:
     return f"Load average (1, 5, 15 min) before / after: {before} / {after}{note}."
 
 
+# ------------------------------------------------------------------------------------------ offload
+def offload_section(doc: dict) -> str:
+    """bench/offload.py: host / device bytes per parameter and the offloaded step, per parameter set."""
+    cfg = doc["config"]
+    out = [
+        "CPU offload (bench/offload.py): `CPUOffloadOptimizer` keeps fp32 masters, transfer buffers and "
+        "the optimizer state in host memory and steps there. Host and device bytes per parameter are "
+        "measured from the tensors each candidate holds; times are one `step()` (gradients to the "
+        "host, update, parameters back), all candidates interleaved in one process "
+        f"({cfg['reps']} rounds after {cfg['warmup']} warmup). "
+        + (
+            "No accelerator was used: the device parameters are host tensors too, so every copy is a "
+            "memcpy, not a PCIe transfer."
+            if str(cfg.get("device", "cpu")).startswith("cpu")
+            else f"Device: `{cfg['device']}`."
+        ),
+        f"\nMeasured on: {machine_line(doc)}"
+        + (
+            f"; load average {doc['loadavg_before'][0]:.1f} before, {doc['loadavg_after'][0]:.1f} after."
+            if "loadavg_before" in doc
+            else "."
+        ),
+        _quick_note(doc),
+    ]
+    for s in doc["sets"]:
+        out.append(f"\n**{s['name']}**: {s['tensors']} tensors, {s['params'] / 1e6:.1f}M params.\n")
+        body = []
+        for r in s["rows"]:
+            if r["status"] != "ok":
+                body.append([r["label"], r["status"], "", "", "", ""])
+                continue
+            body.append(
+                [
+                    r["label"],
+                    f"{r['host_bytes_per_param']:.2f}",
+                    f"{r['device_bytes_per_param']:.2f}",
+                    f"**{fmt_x(r['ratio'])}**" if "ratio" in r else "",
+                    fmt_x(r["ratio_vs_deepspeed"]) if "ratio_vs_deepspeed" in r else "",
+                    f"{fmt_g(r['median_ms'])} ({fmt_g(r['min_ms'])}-{fmt_g(r['max_ms'])})",
+                ]
+            )
+        out.append(
+            _table(
+                [
+                    "optimizer",
+                    "host B/param",
+                    "device B/param",
+                    "time / torch fused",
+                    "time / DeepSpeedCPUAdam + copies",
+                    "median ms (min-max)",
+                ],
+                body,
+            )
+        )
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------ quality
 def quality_section(doc: dict, results: Path) -> str:
     """bench/quality_8bit.py's runs (the demo fine-tune with 32- and 8-bit state): final metrics."""
@@ -604,6 +661,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         "e2e",
         "e2e_cuda",
         "zero",
+        "offload",
         "quality_8bit",
         "gpu_check",
         "gpu_run",
@@ -637,6 +695,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         ("End-to-end throughput", "e2e", lambda d: e2e_section(d, plots)),
         ("End-to-end throughput (CUDA)", "e2e_cuda", lambda d: e2e_section(d, plots, "_cuda")),
         ("ZeRO sharding: ZeRO-1, DeepSpeed ZeRO-2 (+ offload)", "zero", zero_section),
+        ("CPU offload", "offload", offload_section),
         ("8-bit state: training quality", "quality_8bit", lambda d: quality_section(d, results)),
         ("GPU correctness check", "gpu_check", lambda d: gpu_check_section(d, docs["gpu_run"])),
     ]

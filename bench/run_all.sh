@@ -20,16 +20,17 @@ declare -A ARGS=(
   [memory]=""                          # SmolLM2-135M, 4 x 256 tokens, a fresh process per optimizer
   [e2e]=""                             # MiniLM 32x32 (loop, HF Trainer), SmolLM2-135M 4x256, MiniLM on 2 DDP ranks
   [zero]=""                            # bench/zero.py: ZeRO-1 on 1 vs 2 gloo ranks
+  [offload]=""                         # CPUOffloadOptimizer vs DeepSpeedCPUAdam: host B/param, step; ~10 GB RAM
   [report]="--readme README.md"       # BENCHMARKS.md, plots, and the README headline block
 )
-ORDER=(optim_step scaling memory e2e zero report)
+ORDER=(optim_step scaling memory e2e zero offload report)
 [ $# -gt 0 ] && ORDER=("$@")
 
 results=bench/results
 if [ "${QUICK:-0}" = 1 ]; then
   results="${TMPDIR:-/tmp}/shardwise-bench-quick"
   mkdir -p "$results"
-  for name in optim_step scaling memory e2e; do ARGS[$name]="--quick --out $results/$name.json"; done
+  for name in optim_step scaling memory e2e offload; do ARGS[$name]="--quick --out $results/$name.json"; done
   ARGS[zero]="--params-m 0.5 --steps 2 --warmup 1 --out $results/zero.json"
   ARGS[report]="--results $results --out $results/BENCHMARKS.md"
 fi

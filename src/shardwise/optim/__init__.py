@@ -5,6 +5,7 @@
 """
 
 from .adam import Adam, AdamW
+from .offload import CPUOffloadOptimizer
 from .param_groups import param_groups
 from .presets import PRESETS, Preset, get_preset, optimizer_and_scheduler
 from .rule import VARIANTS, Rule
@@ -14,6 +15,7 @@ __all__ = [
     "VARIANTS",
     "Adam",
     "AdamW",
+    "CPUOffloadOptimizer",
     "Preset",
     "Rule",
     "get_preset",

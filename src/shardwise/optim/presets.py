@@ -114,26 +114,35 @@ def optimizer_and_scheduler(
     warmup_steps: int | None = None,
     warmup_ratio: float | None = None,
     scheduler_kwargs: Mapping[str, Any] | None = None,
+    offload: str = "none",
     **optimizer_overrides: Any,
 ):
     """Optimizer + LR scheduler from a preset, for ``num_training_steps`` optimizer steps.
 
     A model gets decay / no-decay groups (:func:`param_groups`); ``optimizer_overrides`` (``lr``,
     ``state_bits=8``, ``shard=True``, ...) go to the optimizer. ``warmup_steps`` wins over
-    ``warmup_ratio``, which defaults to the preset's.
+    ``warmup_ratio``, which defaults to the preset's. ``offload="cpu"`` wraps the optimizer in
+    :class:`shardwise.optim.CPUOffloadOptimizer` (masters and state in host memory; docs/offload.md).
     """
     from transformers import get_scheduler
 
     p = get_preset(preset)
     if num_training_steps <= 0:
         raise ValueError(f"Invalid num_training_steps: {num_training_steps} (must be > 0)")
+    if offload not in ("none", "cpu"):
+        raise ValueError(f"Invalid offload: {offload!r} (expected 'none' or 'cpu')")
     kwargs = {**p.optimizer_kwargs(), **optimizer_overrides}
     params = (
         param_groups(model_or_params, kwargs["weight_decay"])
         if isinstance(model_or_params, nn.Module)
         else model_or_params
     )
-    optimizer = p.optimizer_class(params, **kwargs)
+    if offload == "cpu":
+        from .offload import CPUOffloadOptimizer  # imports the optimizer classes, which import us
+
+        optimizer = CPUOffloadOptimizer(params, p.optimizer_class, **kwargs)
+    else:
+        optimizer = p.optimizer_class(params, **kwargs)
     if warmup_steps is None:
         ratio = p.warmup_ratio if warmup_ratio is None else warmup_ratio
         if not 0.0 <= ratio < 1.0:

@@ -28,6 +28,11 @@ class OptimizerConfig:
 
     ``None`` means "take the preset's value". ``weight_decay`` applies to the decay group only; biases,
     norms and other ndim <= 1 parameters are in the no-decay group (``shardwise.optim.param_groups``).
+
+    ``offload: cpu`` keeps an fp32 master copy of every parameter and the optimizer state (32- or
+    8-bit) in host memory and steps there (``shardwise.optim.CPUOffloadOptimizer``, docs/offload.md):
+    for single-device or DDP runs whose optimizer state does not fit next to the model. Not with
+    ``shard`` (ZeRO-1) nor under DeepSpeed (use its ``offload_optimizer``).
     """
 
     preset: str = "finetune"
@@ -42,6 +47,8 @@ class OptimizerConfig:
     state_bits: Literal[32, 8] = 32
     # ZeRO-1 inside the process group: each rank keeps 1/world of the optimizer state
     shard: bool = False
+    # "cpu": master weights + optimizer state in host memory, stepped there (docs/offload.md)
+    offload: Literal["none", "cpu"] = "none"
     # any transformers.get_scheduler name (linear, cosine, constant_with_warmup, ...); None = preset's
     schedule: str | None = None
     warmup_ratio: float | None = None
@@ -58,6 +65,11 @@ class OptimizerConfig:
             raise ValueError("set warmup_ratio or warmup_steps, not both")
         if self.amsgrad and self.variant == "radam":
             raise ValueError("amsgrad=true is not defined for variant='radam'")
+        if self.offload == "cpu" and self.shard:
+            raise ValueError(
+                "offload='cpu' with shard=true: offloading keeps this rank's whole optimizer state in host "
+                "memory, ZeRO-1 splits it across ranks; pick one (docs/offload.md)"
+            )
 
     def overrides(self) -> dict:
         """The explicitly set optimizer kwargs (None = preset default) for optimizer_and_scheduler."""
@@ -74,6 +86,7 @@ class OptimizerConfig:
             impl=self.impl,
             state_bits=self.state_bits,
             shard=self.shard,
+            offload=self.offload,
         )
         return kw
 
