@@ -5,9 +5,10 @@
 """
 
 from .adam import Adam, AdamW
+from .builder import optimizer_and_scheduler
 from .offload import CPUOffloadOptimizer
 from .param_groups import param_groups
-from .presets import PRESETS, Preset, get_preset, optimizer_and_scheduler
+from .presets import PRESETS, Preset, get_preset
 from .rule import VARIANTS, Rule
 
 __all__ = [

@@ -23,14 +23,10 @@ sparse             Adam     1e-3    (0.9, 0.95)   1e-8   0      constant        
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
-
-from torch import Tensor, nn
-
-from .param_groups import param_groups
 
 #: Optimizer classes by preset ``optimizer`` name; :mod:`.adam` registers Adam and AdamW, so this
 #: module needs nothing above it (``Adam.from_preset`` reads presets, presets never import adam).
@@ -103,64 +99,3 @@ def get_preset(name: str) -> Preset:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown preset: {name!r}.{hint} Available: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def optimizer_and_scheduler(
-    preset: str,
-    model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
-    num_training_steps: int,
-    *,
-    schedule: str | None = None,
-    warmup_steps: int | None = None,
-    warmup_ratio: float | None = None,
-    scheduler_kwargs: Mapping[str, Any] | None = None,
-    offload: str = "none",
-    **optimizer_overrides: Any,
-):
-    """Optimizer + LR scheduler from a preset, for ``num_training_steps`` optimizer steps.
-
-    A model gets decay / no-decay groups (:func:`param_groups`); ``optimizer_overrides`` (``lr``,
-    ``state_bits=8``, ``shard=True``, ...) go to the optimizer. ``warmup_steps`` wins over
-    ``warmup_ratio``, which defaults to the preset's. ``offload="cpu"`` wraps the optimizer in
-    :class:`shardwise.optim.CPUOffloadOptimizer` (masters and state in host memory; docs/offload.md).
-    """
-    from transformers import get_scheduler
-
-    p = get_preset(preset)
-    if num_training_steps <= 0:
-        raise ValueError(f"Invalid num_training_steps: {num_training_steps} (must be > 0)")
-    if offload not in ("none", "cpu"):
-        raise ValueError(f"Invalid offload: {offload!r} (expected 'none' or 'cpu')")
-    kwargs = {**p.optimizer_kwargs(), **optimizer_overrides}
-    params = (
-        param_groups(model_or_params, kwargs["weight_decay"])
-        if isinstance(model_or_params, nn.Module)
-        else model_or_params
-    )
-    if offload == "cpu":
-        from .offload import CPUOffloadOptimizer  # imports the optimizer classes, which import us
-
-        optimizer = CPUOffloadOptimizer(params, p.optimizer_class, **kwargs)
-    else:
-        optimizer = p.optimizer_class(params, **kwargs)
-    if warmup_steps is None:
-        ratio = p.warmup_ratio if warmup_ratio is None else warmup_ratio
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"Invalid warmup_ratio: {ratio} (expected 0 <= warmup_ratio < 1)")
-        warmup_steps = int(ratio * num_training_steps)
-    if not 0 <= warmup_steps < num_training_steps:
-        raise ValueError(
-            f"Invalid warmup_steps: {warmup_steps} (must be >= 0 and below num_training_steps="
-            f"{num_training_steps}); lower the warmup or train longer"
-        )
-    name = schedule or p.schedule
-    extra = dict(p.schedule_kwargs) if schedule is None else {}
-    extra.update(scheduler_kwargs or {})
-    scheduler = get_scheduler(
-        name,
-        optimizer,
-        num_warmup_steps=warmup_steps,
-        num_training_steps=num_training_steps,
-        scheduler_specific_kwargs=extra or None,
-    )
-    return optimizer, scheduler
