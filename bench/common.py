@@ -211,6 +211,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world: int, port: int) -> None:
+    """The environment a spawned rank needs for ``init_process_group`` (env://) and for DeepSpeed."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+
+
+def spawn_ranks(worker: Callable, world: int, *args, timeout: float):
+    """Run ``worker(rank, world, port, *args, out)`` in ``world`` spawned processes and return what the
+    first of them puts on ``out`` (rank 0 reports); processes still alive a minute later are killed.
+    An exception (e.g. ``queue.Empty`` after ``timeout`` seconds) propagates after the clean-up."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, *args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return out.get(timeout=timeout)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5, device: str = "cpu") -> float:
     """Best-of-``reps`` memory bandwidth in bytes/s of ``dst.copy_(src)`` (reads + writes ``nbytes``)."""
     n = nbytes // 4

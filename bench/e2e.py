@@ -29,8 +29,6 @@ and ratios to the plain loop with torch fused AdamW of the same case and run.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
 import statistics
 import tempfile
 import time
@@ -42,10 +40,11 @@ import torch
 from common import (
     RESULTS_DIR,
     fmt_x,
-    free_port,
     gpt_model,
     log,
     machine_facts,
+    rank_env,
+    spawn_ranks,
     state_bytes,
     sync,
     unavailable,
@@ -319,7 +318,7 @@ def _summarize(runs: dict, rows: dict, per_round: dict) -> None:
 def _ddp_worker(rank: int, world: int, port: int, args, names: list[str], out) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_env(rank, world, port)
     torch.set_num_threads(max(1, args.threads // world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800))
     try:
@@ -355,24 +354,13 @@ def _ddp_worker(rank: int, world: int, port: int, args, names: list[str], out) -
 
 def _run_ddp(names: list[str], args) -> tuple[dict, str | None]:
     world = SHAPES["ddp"][2]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, args, names, out)) for r in range(world)]
-    for p in procs:
-        p.start()
     try:
-        rows, source = out.get(timeout=args.timeout)
+        return spawn_ranks(_ddp_worker, world, args, names, timeout=args.timeout)
     except Exception as e:
         rows = {
             n: {"case": "ddp", "name": n, "label": CANDIDATES[n], "status": unavailable(e)} for n in names
         }
-        source = None
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    return rows, source
+        return rows, None
 
 
 # ------------------------------------------------------------------------------------- headline

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import fmt_x, free_port, machine_facts, state_bytes, write_json
+from common import fmt_x, machine_facts, rank_env, spawn_ranks, state_bytes, write_json
 
 VARIANTS = ["torch_adamw", "torch_zero", "shardwise", "shardwise_zero1", "shardwise_zero1_8bit"]
 
@@ -73,7 +72,7 @@ def _make(variant: str, params: list[torch.nn.Parameter]):
 
 
 def _worker(rank: int, world: int, port: int, args, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_env(rank, world, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     shapes = _shapes(args.params_m)
@@ -110,16 +109,7 @@ def _worker(rank: int, world: int, port: int, args, out) -> None:
 
 
 def run(world: int, args) -> dict:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = out.get(timeout=1800)
-    for p in procs:
-        p.join(timeout=60)
-    return result
+    return spawn_ranks(_worker, world, args, timeout=1800)
 
 
 # ------------------------------------------------------------------------------ DeepSpeed ZeRO-2
@@ -158,14 +148,7 @@ def _ds_mlp(params_m: float, width: int) -> torch.nn.Module:
 
 
 def _ds_worker(rank: int, world: int, port: int, args, out) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    rank_env(rank, world, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     import deepspeed
 
@@ -235,15 +218,7 @@ def _timed(fn, times: list[float]):
 
 def run_deepspeed(args, world: int = 2) -> dict:
     """DeepSpeed ZeRO-2 on ``world`` gloo processes: state bytes per rank and step-time ratios."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_ds_worker, args=(r, world, port, args, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    res = out.get(timeout=3600)
-    for p in procs:
-        p.join(timeout=60)
+    res = spawn_ranks(_ds_worker, world, args, timeout=3600)
     n_params, ranks = res["params"], res["ranks"]
 
     def slowest(name: str, key: str) -> list[float]:  # per repetition, the slowest rank
