@@ -1,0 +1,201 @@
+"""The paired 8-bit quality comparison, CI-sized: a codec regression must fail here.
+
+``bench/quality_paired.py`` answers "does 8-bit state cost quality?" on real fine-tunes (an hour of
+CPU). This is its small version: a student MLP learning a fixed random teacher, 5 seeds, each seed
+trained twice from the same init on the same batches, once with 32-bit and once with 8-bit state;
+the mean paired difference of the held-out loss and its 95% t-interval (the benchmark's own
+``paired_summary``) must lie within ``BOUND`` of the 32-bit loss.
+
+Calibration (torch 2.13, CPU): the working codec measures -0.10% [-0.18, -0.03] (mean relative
+difference [95% CI]); a second-moment codec with less range (the first moment's square-root map
+for v) -1.2% [-1.9, -0.5]; a linear v map diverges. ``BOUND`` = 0.5% on both ends of the interval
+sits between them, and the last test shows that the check catches both broken codecs. (On inputs of
+equal feature scale none of the three moves the loss by 0.2%: too easy a task to tell codecs apart.)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardwise.optim import AdamW, quant
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SEEDS = range(5)
+STEPS, BATCH, DIM, HIDDEN, CLASSES = 150, 64, 64, 128, 10
+BOUND = 0.005  # relative to the 32-bit held-out loss; see the module docstring
+
+
+@functools.cache
+def _bench_module():
+    sys.path.insert(0, str(BENCH))  # quality_paired imports bench/common.py
+    spec = importlib.util.spec_from_file_location("quality_paired", BENCH / "quality_paired.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _student(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # 64x128 and 128x128 weights have 8-bit state (>= 4,096 elements); the head and biases stay fp32
+    return torch.nn.Sequential(
+        torch.nn.Linear(DIM, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(),
+        torch.nn.Linear(HIDDEN, CLASSES),
+    )  # fmt: skip
+
+
+def _data(seed: int):
+    g = torch.Generator().manual_seed(1000 + seed)
+    teacher = torch.randn(DIM, CLASSES, generator=g)
+    x = torch.randn(STEPS * BATCH + 2048, DIM, generator=g)
+    y = (x @ teacher + 0.5 * torch.randn(x.shape[0], CLASSES, generator=g)).argmax(-1)
+    # Features of unequal scale (log-normal, as real inputs and activations are): within one block
+    # of the first layer's state, the second moments then span orders of magnitude, which is where
+    # a codec's range shows. With equal scales even a linear v map passes (measured).
+    x = x * torch.exp(torch.randn(DIM, generator=torch.Generator().manual_seed(7)))
+    return x[: STEPS * BATCH], y[: STEPS * BATCH], x[STEPS * BATCH :], y[STEPS * BATCH :]
+
+
+def _held_out_loss(seed: int, state_bits: int, impl: str = "auto") -> float:
+    x, y, x_eval, y_eval = _data(seed)
+    model = _student(seed)
+    opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, state_bits=state_bits, impl=impl)
+    for i in range(STEPS):
+        batch = slice(i * BATCH, (i + 1) * BATCH)
+        torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x_eval), y_eval).item()
+
+
+def _paired(state_bits_impl: tuple[int, str]) -> dict:
+    bits, impl = state_bits_impl
+    base = [_held_out_loss(s, 32, impl) for s in SEEDS]
+    cand = [_held_out_loss(s, bits, impl) for s in SEEDS]
+    return _bench_module().paired_summary(cand, base)
+
+
+def _within_bound(r: dict) -> bool:
+    return max(abs(r["rel_low"]), abs(r["rel_high"])) < BOUND
+
+
+def test_paired_summary_statistics():
+    r = _bench_module().paired_summary([1.1, 1.2, 0.9, 1.0], [1.0, 1.0, 1.0, 1.0])
+    assert r["n"] == 4 and r["mean_diff"] == pytest.approx(0.05)
+    sd = torch.tensor([0.1, 0.2, -0.1, 0.0], dtype=torch.float64).std().item()
+    half = 3.182 * sd / 2  # t(0.975, 3) * sd / sqrt(4)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.05 - half, 0.05 + half))
+    assert r["rel_mean"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("impl", ["auto", "foreach"])
+def test_8bit_state_trains_like_32bit(impl):
+    r = _paired((8, impl))
+    assert _within_bound(r), (
+        f"8-bit state moved the held-out loss by {100 * r['rel_mean']:+.3f}% "
+        f"[{100 * r['rel_low']:+.3f}, {100 * r['rel_high']:+.3f}] of the 32-bit loss "
+        f"(bound +-{100 * BOUND}%): a codec regression? per-seed diffs {r['diffs']}"
+    )
+
+
+def _sqrt_map_for_v(monkeypatch):
+    """The second moment stored with the first moment's square-root map: 255^2 levels, not 255^4."""
+    encode, decode = quant.encode, quant.decode
+
+    def enc(x, signed):
+        if signed:
+            return encode(x, signed)
+        a = x.float().reshape(x.shape[0], -1).abs().amax(-1, keepdim=True).clamp_min(1e-38)
+        codes = torch.round(255 * (x.float().reshape(x.shape[0], -1) / a).sqrt())
+        return codes.to(torch.uint8).reshape(x.shape), a.squeeze(-1)[:, None].expand(
+            *quant.scales_shape(x.shape)
+        )
+
+    def dec(codes, absmax, signed, dtype=torch.float32):
+        if signed:
+            return decode(codes, absmax, signed, dtype)
+        q = codes.reshape(codes.shape[0], -1).float() / 255
+        return (q * q * absmax[:, :1].float()).reshape(codes.shape).to(dtype)
+
+    monkeypatch.setattr(quant, "encode", enc)
+    monkeypatch.setattr(quant, "decode", dec)
+
+
+def _linear_map_for_v(monkeypatch):
+    """The second moment stored linearly (no companding): small v decode to 0."""
+    encode, decode = quant.encode, quant.decode
+
+    def enc(x, signed):
+        if signed:
+            return encode(x, signed)
+        a = x.float().reshape(x.shape[0], -1).abs().amax(-1, keepdim=True).clamp_min(1e-38)
+        codes = torch.round(255 * x.float().reshape(x.shape[0], -1) / a)
+        return codes.to(torch.uint8).reshape(x.shape), a.squeeze(-1)[:, None].expand(
+            *quant.scales_shape(x.shape)
+        )
+
+    def dec(codes, absmax, signed, dtype=torch.float32):
+        if signed:
+            return decode(codes, absmax, signed, dtype)
+        return (
+            (codes.reshape(codes.shape[0], -1).float() / 255 * absmax[:, :1].float())
+            .reshape(codes.shape)
+            .to(dtype)
+        )
+
+    monkeypatch.setattr(quant, "encode", enc)
+    monkeypatch.setattr(quant, "decode", dec)
+
+
+@pytest.mark.parametrize("break_codec", [_sqrt_map_for_v, _linear_map_for_v], ids=["sqrt_v", "linear_v"])
+def test_a_worse_codec_fails_the_bound(monkeypatch, break_codec):
+    """The check has teeth: a v codec with less range (patched into the torch-ops codec that the
+    foreach implementation uses) moves the held-out loss past the bound."""
+    break_codec(monkeypatch)
+    r = _paired((8, "foreach"))
+    assert not _within_bound(r), f"a worse v codec passed: {r}"
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_renders(tmp_path):
+    """bench/quality_paired.py --quick (tiny random models) writes the JSON the report renders, and a
+    rerun resumes: it keeps the stored runs instead of training them again."""
+    out = tmp_path / "quality_paired.json"
+    cmd = [
+        sys.executable,
+        str(BENCH / "quality_paired.py"),
+        "--quick",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+    ]
+    cmd += ["--candidates", "shardwise_32bit", "shardwise_8bit", "torch_fused"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    doc = json.loads(out.read_text())
+    assert {(r["task"], r["seed"], r["candidate"]) for r in doc["runs"]} == {
+        (t, s, c)
+        for t in ("minilm_r8", "smollm2")
+        for s in (0, 1)
+        for c in ("shardwise_32bit", "shardwise_8bit", "torch_fused")
+    }
+    assert all(r["status"] == "ok" and r["steps"] == 6 for r in doc["runs"])
+    assert set(doc["summary"]["minilm_r8"]) == {"shardwise_8bit", "torch_fused"}
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    assert "runs to do" not in proc.stdout  # everything was kept
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    text = report.render(tmp_path, tmp_path)
+    assert "eval loss - 32-bit [95% CI]" in text and "shardwise AdamW 8-bit" in text
+    assert (tmp_path / "quality_paired.png").exists()
