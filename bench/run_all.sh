@@ -3,6 +3,7 @@
 #
 #   bash bench/run_all.sh                     # all (about 20 minutes on 2 cores; run it on a quiet machine)
 #   bash bench/run_all.sh optim_step report   # a subset, by script name
+#   bash bench/run_all.sh quality_paired report   # 8-bit vs 32-bit training quality: ~2 h, not in the default set
 #   QUICK=1 bash bench/run_all.sh             # smoke test of the whole pipeline (tiny sizes, a few minutes);
 #                                             # writes to $TMPDIR/shardwise-bench-quick, not bench/results
 #
@@ -21,6 +22,7 @@ declare -A ARGS=(
   [e2e]=""                             # MiniLM 32x32 (loop, HF Trainer), SmolLM2-135M 4x256, MiniLM on 2 DDP ranks
   [zero]=""                            # bench/zero.py: ZeRO-1 on 1 vs 2 gloo ranks
   [offload]=""                         # CPUOffloadOptimizer vs DeepSpeedCPUAdam: host B/param, step; ~10 GB RAM
+  [quality_paired]=""                  # paired fine-tunes, 5 seeds, 2 tasks: ~2 h; only when named
   [report]="--readme README.md"       # BENCHMARKS.md, plots, and the README headline block
 )
 ORDER=(optim_step scaling memory e2e zero offload report)
@@ -30,7 +32,7 @@ results=bench/results
 if [ "${QUICK:-0}" = 1 ]; then
   results="${TMPDIR:-/tmp}/shardwise-bench-quick"
   mkdir -p "$results"
-  for name in optim_step scaling memory e2e offload; do ARGS[$name]="--quick --out $results/$name.json"; done
+  for name in optim_step scaling memory e2e offload quality_paired; do ARGS[$name]="--quick --out $results/$name.json"; done
   ARGS[zero]="--params-m 0.5 --steps 2 --warmup 1 --out $results/zero.json"
   ARGS[report]="--results $results --out $results/BENCHMARKS.md"
 fi
