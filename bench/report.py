@@ -2,7 +2,7 @@
 
 Nothing here measures anything and no number is typed by hand: every figure in BENCHMARKS.md comes
 from a results JSON written by one of the bench scripts (optim_step, optim_step_cuda, scaling,
-memory, e2e, zero, offload, quality_paired, quality_8bit). A missing JSON becomes a "not run"
+memory, e2e, zero, offload, quality_paired, codec_bias, quality_8bit). A missing JSON becomes a "not run"
 line; results taken with ``--quick`` are flagged as smoke-test sizes. The headline ratios (for the
 README) go into the marked block ``<!-- bench:headline -->`` ... ``<!-- /bench:headline -->``.
 
@@ -747,6 +747,35 @@ def plot_quality_paired(doc: dict, path: Path) -> str | None:
     return _save(fig, path, plt)
 
 
+def codec_bias_section(doc: dict) -> str:
+    """bench/codec_bias.py: Adam's moments carried through the 8-bit codec vs fp32, by decile of |g|."""
+    body = [
+        [
+            f"{r['decades']:g}",
+            str(r["step"]),
+            r["decile"],
+            f"{r['v8_over_v32']:.4f}",
+            f"{r['m8_over_m32']:.4f}",
+            f"**{r['update_ratio']:.4f}**",
+        ]
+        for r in doc["rows"]
+    ]
+    return "\n".join(
+        [
+            "Bias the 8-bit codec adds to the moments it re-encodes at every step (bench/codec_bias.py, "
+            "no model): gradients whose scales spread log-uniformly over 1 or 3 decades inside every "
+            f"256-element block, Adam's moments (betas {tuple(doc['config']['betas'])}) in fp32 and, "
+            "side by side, through encode/decode. Ratios 8-bit / fp32 per decile of the gradient "
+            "scale; the update is |m / sqrt(v)|.",
+            f"\nMeasured on: {machine_line(doc)}.\n",
+            _table(
+                ["decades", "step", "decile of abs(g)", "v8 / v32", "abs(m8) / abs(m32)", "update 8 / 32"],
+                body,
+            ),
+        ]
+    )
+
+
 # ----------------------------------------------------------------------------------------- headline
 def headline(docs: dict[str, dict | None]) -> str:
     """The few ratios a README quotes: each script declares its own lines (the JSON's ``headline``),
@@ -779,6 +808,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         "zero",
         "offload",
         "quality_paired",
+        "codec_bias",
         "quality_8bit",
         "gpu_check",
         "gpu_run",
@@ -818,6 +848,7 @@ def render(results: Path, plots: Path | None = None) -> str:
             "quality_paired",
             lambda d: quality_paired_section(d, plots),
         ),
+        ("8-bit state: what the codec does to the moments over many steps", "codec_bias", codec_bias_section),
         ("8-bit state: one demo run per state width", "quality_8bit", lambda d: quality_section(d, results)),
         ("GPU correctness check", "gpu_check", lambda d: gpu_check_section(d, docs["gpu_run"])),
     ]

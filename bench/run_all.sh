@@ -23,9 +23,10 @@ declare -A ARGS=(
   [zero]=""                            # bench/zero.py: ZeRO-1 on 1 vs 2 gloo ranks
   [offload]=""                         # CPUOffloadOptimizer vs DeepSpeedCPUAdam: host B/param, step; ~10 GB RAM
   [quality_paired]=""                  # paired fine-tunes, 5 seeds, 2 tasks: ~2 h; only when named
+  [codec_bias]=""                      # moments through the 8-bit codec vs fp32 over 1,000 steps: seconds
   [report]="--readme README.md"       # BENCHMARKS.md, plots, and the README headline block
 )
-ORDER=(optim_step scaling memory e2e zero offload report)
+ORDER=(optim_step scaling memory e2e zero offload codec_bias report)
 [ $# -gt 0 ] && ORDER=("$@")
 
 results=bench/results
@@ -33,6 +34,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   results="${TMPDIR:-/tmp}/shardwise-bench-quick"
   mkdir -p "$results"
   for name in optim_step scaling memory e2e offload quality_paired; do ARGS[$name]="--quick --out $results/$name.json"; done
+  ARGS[codec_bias]="--steps 10 --out $results/codec_bias.json"
   ARGS[zero]="--params-m 0.5 --steps 2 --warmup 1 --out $results/zero.json"
   ARGS[report]="--results $results --out $results/BENCHMARKS.md"
 fi

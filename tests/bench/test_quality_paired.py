@@ -34,13 +34,17 @@ BOUND = 0.005  # relative to the 32-bit held-out loss; see the module docstring
 
 
 @functools.cache
-def _bench_module():
-    sys.path.insert(0, str(BENCH))  # quality_paired imports bench/common.py
-    spec = importlib.util.spec_from_file_location("quality_paired", BENCH / "quality_paired.py")
+def _bench_module_named(name: str):
+    sys.path.insert(0, str(BENCH))  # the bench scripts import bench/common.py
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_module():
+    return _bench_module_named("quality_paired")
 
 
 def _student(seed: int) -> torch.nn.Module:
@@ -142,6 +146,21 @@ def test_a_worse_codec_fails_the_bound(monkeypatch, root):
     _v_codec_with_root(root)(monkeypatch)
     r = _paired((8, "foreach"))
     assert not _within_bound(r), f"a worse v codec passed: {r}"
+
+
+def test_codec_bias_simulation_renders(tmp_path):
+    """bench/codec_bias.py: a few steps within one decade of gradient scales leave the moments within
+    0.5% of fp32 (the codec is close to unbiased once); the JSON renders."""
+    doc = _bench_module_named("codec_bias").main(
+        ["--decades", "1", "--steps", "10", "--out", str(tmp_path / "c.json")]
+    )
+    assert {r["decile"] for r in doc["rows"]} == {"smallest 10%", "middle 10%", "largest 10%"}
+    for r in doc["rows"]:
+        for key in ("v8_over_v32", "m8_over_m32", "update_ratio"):
+            assert abs(r[key] - 1) < 5e-3, r
+    import report
+
+    assert "update 8 / 32" in report.codec_bias_section(doc)
 
 
 @pytest.mark.slow
