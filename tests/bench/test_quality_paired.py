@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import pytest
 import torch
 
 from shardwise.optim import AdamW, quant
+
+from ..helpers import ensure_assets, run
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SEEDS = range(5)
@@ -167,6 +168,7 @@ def test_codec_bias_simulation_renders(tmp_path):
 def test_benchmark_quick_run_renders(tmp_path):
     """bench/quality_paired.py --quick (tiny random models) writes the JSON the report renders, and a
     rerun resumes: it keeps the stored runs instead of training them again."""
+    ensure_assets("minilm", "reuters-r8", "smollm2", "shakespeare")  # tokenizers and data
     out = tmp_path / "quality_paired.json"
     cmd = [
         sys.executable,
@@ -179,7 +181,7 @@ def test_benchmark_quick_run_renders(tmp_path):
         str(out),
     ]
     cmd += ["--candidates", "shardwise_32bit", "shardwise_8bit", "torch_fused"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    run(cmd, timeout=900)
     doc = json.loads(out.read_text())
     assert {(r["task"], r["seed"], r["candidate"]) for r in doc["runs"]} == {
         (t, s, c)
@@ -189,7 +191,7 @@ def test_benchmark_quick_run_renders(tmp_path):
     }
     assert all(r["status"] == "ok" and r["steps"] == 6 for r in doc["runs"])
     assert set(doc["summary"]["minilm_r8"]) == {"shardwise_8bit", "torch_fused"}
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    proc = run(cmd, timeout=300)
     assert "runs to do" not in proc.stdout  # everything was kept
     sys.path.insert(0, str(BENCH))
     import report
