@@ -14,8 +14,9 @@ says how small a cost we could have seen.
 Tasks (``--tasks``), both from the offline asset cache (``make assets``):
 
 * ``minilm_r8``: the demo fine-tune (``configs/recipes/bert_minilm_r8.yaml``): all-MiniLM-L6-v2 + a
-  fresh 8-way head on Reuters R8, 1 epoch = 172 steps of 32 texts x 32 tokens, lr 2e-4 (the demo's
-  5e-4 makes seeds diverge: sd 0.05 eval loss), 10% linear warmup then linear decay, weight decay
+  fresh 8-way head on Reuters R8, 1 epoch = 172 steps of 32 texts x 32 tokens, lr 2e-4 (the demo
+  uses 5e-4; either way the eval loss varies by 0.05-0.08 from seed to seed, which the pairing
+  removes), 10% linear warmup then linear decay, weight decay
   0.01 on matrices, grad-norm clip 1.0. Primary measure: eval loss on all 2,189 test texts; also
   accuracy and macro-F1.
 * ``smollm2``: SmolLM2-135M-Instruct fine-tuned on Shakespeare (the GPT recipe's data), 30 steps of
@@ -32,8 +33,10 @@ elements in fp32 (their defaults). A missing library is recorded as ``unavailabl
 
 Runs are written to the JSON as they finish and a rerun skips the ones already there (same task
 settings), so an interrupted benchmark resumes; ``--fresh`` starts a task over. One process per task
-can share the JSON (writes merge under a file lock). Not a test: the default set is ~2 hours of
-2 CPU cores (tests/bench/test_quality_paired.py is the CI-sized version).
+can share the JSON (writes merge under a file lock). Not a test: the committed run (4 candidates,
+5 seeds, one single-threaded process per task) took ~1.6 hours on 2 CPU cores; torchao's and
+bitsandbytes' CPU steps are the slow ones (tests/bench/test_quality_paired.py is the CI-sized
+version).
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -131,15 +134,11 @@ def paired_summary(candidate: list[float], baseline: list[float]) -> dict:
 
 
 # -------------------------------------------------------------------------------------- optimizers
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    from shardwise.optim import param_groups as shardwise_groups
-
-    return shardwise_groups(model, weight_decay)
-
-
 def make_optimizer(name: str, model: torch.nn.Module, s: TaskSettings):
     """``name``'s AdamW over the decay / no-decay groups with the task's hyperparameters."""
-    groups = param_groups(model, s.weight_decay)
+    from shardwise.optim import param_groups
+
+    groups = param_groups(model, s.weight_decay)  # decay on matrices; biases and norms without
     kw = dict(lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
     if name.startswith("shardwise_"):
         from shardwise.optim import AdamW
