@@ -1,6 +1,6 @@
 """The paired 8-bit quality comparison, CI-sized: a codec regression must fail here.
 
-``bench/quality_paired.py`` answers "does 8-bit state cost quality?" on real fine-tunes (an hour of
+``bench/quality_paired.py`` answers "does 8-bit state cost quality?" on real fine-tunes (1-2 hours of
 CPU). This is its small version: a student MLP learning a fixed random teacher, 5 seeds, each seed
 trained twice from the same init on the same batches, once with 32-bit and once with 8-bit state;
 the mean paired difference of the held-out loss and its 95% t-interval (the benchmark's own
@@ -9,8 +9,9 @@ the mean paired difference of the held-out loss and its 95% t-interval (the benc
 Calibration (torch 2.13, CPU): the working codec measures -0.10% [-0.18, -0.03] (mean relative
 difference [95% CI]); a second-moment codec with less range (the first moment's square-root map
 for v) -1.2% [-1.9, -0.5]; a linear v map diverges. ``BOUND`` = 0.5% on both ends of the interval
-sits between them, and the last test shows that the check catches both broken codecs. (On inputs of
-equal feature scale none of the three moves the loss by 0.2%: too easy a task to tell codecs apart.)
+sits between them, and ``test_a_worse_codec_fails_the_bound`` shows that the check catches both
+broken codecs. (On inputs of equal feature scale all three stayed inside the bound: too easy a task
+to tell codecs apart.)
 """
 
 from __future__ import annotations
