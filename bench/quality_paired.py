@@ -362,7 +362,7 @@ def summarize(doc: dict) -> None:
                 [by[name, seed]["eval_loss"] for seed in seeds],
                 [by[BASELINE, seed]["eval_loss"] for seed in seeds],
             )
-            out[name]["seeds"] = seeds
+            out[name] |= {"seeds": seeds, "library": CANDIDATES[name][0], "label": CANDIDATES[name][1]}
             for metric in ("accuracy", "macro_f1", "perplexity"):
                 if metric in by[BASELINE, seeds[0]]:
                     out[name][metric] = {

@@ -653,7 +653,11 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
     ]
     for task, settings in doc["tasks"].items():
         summary = doc["summary"].get(task, {})
-        base = [r for r in doc["runs"] if r["task"] == task and r["candidate"] == "shardwise_32bit"]
+        base = [
+            r["eval_loss"]
+            for r in doc["runs"]
+            if r["task"] == task and r["candidate"] == "shardwise_32bit" and r.get("status") == "ok"
+        ]
         out.append(
             f"\n**{task}**: `{settings['model']}`, "
             + (f"{settings['max_steps']} steps" if settings["max_steps"] else "1 epoch")
@@ -661,16 +665,15 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
             f"{tuple(settings['betas'])}, weight decay {settings['weight_decay']:g}, "
             f"{settings['warmup_ratio']:.0%} warmup then linear decay, clip {settings['max_grad_norm']:g}. "
             + (
-                f"shardwise 32-bit eval loss over {len(base)} seeds: "
-                f"{statistics.fmean(r['eval_loss'] for r in base if r.get('status') == 'ok'):.4f}"
-                + (f" (seed sd {next(iter(summary.values()))['baseline_sd']:.4f})." if summary else ".")
+                f"shardwise 32-bit eval loss over {len(base)} seeds: {statistics.fmean(base):.4f}"
+                + (f" (seed sd {statistics.stdev(base):.4f})." if len(base) > 1 else ".")
                 if base
                 else ""
             )
             + "\n"
         )
         body = []
-        for name, r in summary.items():
+        for r in summary.values():
             extra = []
             for metric, fmt in (("accuracy", "{:.4f}"), ("macro_f1", "{:.4f}"), ("perplexity", "{:.3f}")):
                 if metric in r:
@@ -678,7 +681,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                     extra.append(f"{metric} {fmt.format(m['candidate'])} vs {fmt.format(m['baseline'])}")
             body.append(
                 [
-                    QUALITY_LABELS.get(name, name),
+                    r["label"],
                     str(r["n"]),
                     f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
                     f"**{100 * r['rel_mean']:+.2f}%** "
@@ -693,7 +696,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 if r["task"] == task and r.get("status") != "ok"
             }
         )
-        body += [[QUALITY_LABELS.get(c, c), "0", status, "", ""] for c, status in unavailable]
+        body += [[c, "0", status, "", ""] for c, status in unavailable]
         out.append(
             _table(
                 [
@@ -712,14 +715,6 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
     return "\n".join(out)
 
 
-QUALITY_LABELS = {
-    "shardwise_8bit": "shardwise AdamW 8-bit",
-    "torch_fused": "torch AdamW fused (fp32)",
-    "bnb_8bit": "bitsandbytes AdamW8bit",
-    "torchao_8bit": "torchao AdamW8bit",
-}
-
-
 def plot_quality_paired(doc: dict, path: Path) -> str | None:
     tasks = [t for t, s in doc["summary"].items() if s]
     if not tasks:
@@ -733,13 +728,12 @@ def plot_quality_paired(doc: dict, path: Path) -> str | None:
         rows = list(doc["summary"][task].items())
         ax.axvspan(-1, 1, color="#eeeeee", zorder=0)  # +-1% of the 32-bit loss
         ax.axvline(0, color="k", lw=0.8)
-        for y, (name, r) in enumerate(rows):
-            library = next(x["library"] for x in doc["runs"] if x["candidate"] == name)
+        for y, (_, r) in enumerate(rows):
             mean, low, high = (100 * r[k] for k in ("rel_mean", "rel_low", "rel_high"))
-            color = LIB_COLORS.get(library, "k")
+            color = LIB_COLORS.get(r["library"], "k")
             ax.errorbar([mean], [y], xerr=[[mean - low], [high - mean]], fmt="o", color=color, capsize=4)
         ys = range(len(rows))
-        ax.set_yticks(list(ys), [QUALITY_LABELS.get(n, n) for n, _ in rows])
+        ax.set_yticks(list(ys), [r["label"] for _, r in rows])
         ax.invert_yaxis()
         ax.set_title(f"{task}: eval loss vs shardwise 32-bit (paired mean, 95% CI)", fontsize=9)
     axes[-1].set_xlabel("eval loss difference, % of the 32-bit loss")
