@@ -356,10 +356,10 @@ def machine_line(doc: dict) -> str:
     )
 
 
-def row_ratio(doc: dict, a: str, b: str, key: str = "median_ms") -> float | None:
-    """``rows[a][key] / rows[b][key]`` when both rows were measured, else None."""
-    rows = {r["name"]: r for r in doc["rows"]}
-    ra, rb = rows.get(a, {}), rows.get(b, {})
-    if ra.get("status") == "ok" and rb.get("status") == "ok":
-        return ra[key] / rb[key]
-    return None
+def time_ratio(a: dict, b: dict) -> float:
+    """Time of row ``a`` over row ``b`` (rows with ``median_ms``): the median of the per-round
+    ratios when both rows keep their rounds (``times_ms``, timed in the same rounds, so a slow
+    stretch of a shared machine hits both), else the ratio of the medians (older results)."""
+    if a.get("times_ms") and b.get("times_ms"):
+        return statistics.median(x / y for x, y in zip(a["times_ms"], b["times_ms"], strict=True))
+    return a["median_ms"] / b["median_ms"]

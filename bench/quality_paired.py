@@ -32,8 +32,8 @@ All get the same hyperparameters and parameter groups; the 8-bit ones all keep t
 elements in fp32 (their defaults). A missing library is recorded as ``unavailable: ...``.
 
 Runs are written to the JSON as they finish and a rerun skips the ones already there (same task
-settings), so an interrupted benchmark resumes; ``--fresh`` starts a task over. One process per task
-can share the JSON (writes merge under a file lock). Not a test: the committed run (4 candidates,
+settings), so an interrupted benchmark resumes; ``--fresh`` starts a task over. Several processes
+(one per task, or per range of seeds) can share the JSON: writes merge run by run under a file lock. Not a test: the committed run (4 candidates,
 5 seeds, one single-threaded process per task) took ~1.6 hours on 2 CPU cores; torchao's and
 bitsandbytes' CPU steps are the slow ones (tests/bench/test_quality_paired.py is the CI-sized
 version).
@@ -318,11 +318,16 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _save(path: Path, doc: dict) -> dict:
-    """Merge ``doc``'s tasks into the file: under a lock, so that one process per task can share one
-    JSON (``--tasks minilm_r8`` and ``--tasks smollm2`` side by side, ``--threads 1`` each); tasks
-    that ``doc`` does not hold keep their stored runs. Atomic: an interrupted write leaves the
-    previous file. Returns the merged document."""
+def _run_key(run: dict) -> tuple:
+    return run["task"], run["candidate"], run["seed"]
+
+
+def _save(path: Path, doc: dict, drop_tasks: tuple[str, ...] = ()) -> dict:
+    """Merge ``doc``'s runs into the file, under a lock, so that several processes can share one
+    JSON (one per task, or one per range of seeds: ``--seeds 5 6 7`` and ``--seeds 8 9`` side by
+    side, ``--threads 1`` each). A stored run stays unless ``doc`` holds the same (task, candidate,
+    seed) or ran its task with other settings, or the task is in ``drop_tasks`` (``--fresh``). Atomic: an
+    interrupted write leaves the previous file. Returns the merged document."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,14 +336,12 @@ def _save(path: Path, doc: dict) -> dict:
         stored = _load(path)
         if stored.get("config", {}).get("quick") != doc["config"]["quick"]:
             stored = {}
-        merged = {
-            **doc,
-            "tasks": {
-                **{t: v for t, v in stored.get("tasks", {}).items() if t not in doc["tasks"]},
-                **doc["tasks"],
-            },
-            "runs": [r for r in stored.get("runs", []) if r["task"] not in doc["tasks"]] + doc["runs"],
-        }
+        stored_tasks = stored.get("tasks", {})
+        stale = {t for t, settings in doc["tasks"].items() if stored_tasks.get(t, settings) != settings}
+        stale |= set(drop_tasks)
+        ours = {_run_key(r) for r in doc["runs"]}
+        runs = [r for r in stored.get("runs", []) if r["task"] not in stale and _run_key(r) not in ours]
+        merged = {**doc, "tasks": {**stored_tasks, **doc["tasks"]}, "runs": runs + doc["runs"]}
         summarize(merged)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(merged, indent=1, default=str) + "\n")
@@ -414,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             settings = TaskSettings(**{**asdict(settings), "max_steps": 6, "batch_size": 8})
         doc["tasks"][name] = json.loads(json.dumps(asdict(settings)))  # as stored: tuples become lists
+        if args.fresh:
+            _save(args.out, doc, drop_tasks=(name,))
         same = old.get("tasks", {}).get(name) == doc["tasks"][name] and old["config"]["quick"] == args.quick
         kept = [r for r in old.get("runs", []) if r["task"] == name and same and r.get("status") == "ok"]
         doc["runs"] += kept

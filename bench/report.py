@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import REPO, RESULTS_DIR, fmt_g, fmt_gib, fmt_mib, fmt_x, machine_line
+from common import REPO, RESULTS_DIR, fmt_g, fmt_gib, fmt_mib, fmt_x, machine_line, time_ratio
 
 HEADLINE_BEGIN, HEADLINE_END = "<!-- bench:headline -->", "<!-- /bench:headline -->"
 LIB_COLORS = {
@@ -72,8 +72,13 @@ def optim_step_section(doc: dict, plots: Path, suffix: str = "") -> str:
         f"({cfg['params'] / 1e6:.1f}M) on `{cfg['device']}`, all candidates in one process, "
         f"{cfg['reps']} interleaved repetitions after {cfg['warmup']} warmup round(s)"
         + (f", {cfg['inner_steps']} steps per timed sample. " if cfg.get("inner_steps", 1) > 1 else ". ")
-        + "Ratio = median step time / median of torch fused AdamW in the same run (lower is faster); "
-        "the range is the min-max of the per-repetition paired ratios.",
+        + (
+            "Ratio = median over the repetitions of the step time / torch fused AdamW's step time in the "
+            "same repetition (lower is faster); range = min-max of those per-repetition ratios."
+            if cfg.get("ratio") == "median of per-round paired ratios"
+            else "Ratio = median step time / median of torch fused AdamW in the same run (lower is "
+            "faster); the range is the min-max of the per-repetition paired ratios."
+        ),
         f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
@@ -109,7 +114,7 @@ def variant_matrix(doc: dict) -> str:
     if not rows:
         return ""
     key = lambda r: (r["impl"], r["variant"] + ("+amsgrad" if r["amsgrad"] else ""), r["state_bits"])
-    t = {key(r): r["median_ms"] for r in rows}
+    t = {key(r): r for r in rows}
     impls = [i for i in ("fused", "foreach", "reference") if any(k[0] == i for k in t)]
     variants = list(dict.fromkeys(k[1] for k in t))
     header = ["variant"] + [f"{i} {b}-bit" for i in impls for b in (32, 8)]
@@ -119,7 +124,7 @@ def variant_matrix(doc: dict) -> str:
         for i in impls:
             for b in (32, 8):
                 base = t.get((i, "adam", b))
-                cells.append(fmt_x(t[(i, v, b)] / base) if (i, v, b) in t and base else "")
+                cells.append(fmt_x(time_ratio(t[(i, v, b)], base)) if (i, v, b) in t and base else "")
         body.append(cells)
     return _table(header, body)
 

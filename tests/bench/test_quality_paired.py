@@ -103,6 +103,40 @@ def test_paired_summary_statistics():
     assert r["rel_mean"] == pytest.approx(0.05)
 
 
+def test_runs_merge_across_processes(tmp_path):
+    """Processes sharing the JSON (one per task or per range of seeds) add their runs to the stored
+    ones; a rerun of the same (task, candidate, seed) replaces its run; changed task settings, or
+    --fresh, make the task's stored runs stale."""
+    bench = _bench_module()
+    out = tmp_path / "q.json"
+
+    def doc(settings: dict, *keys: tuple) -> dict:
+        runs = [
+            {"task": "t", "candidate": c, "seed": seed, "status": "ok", "eval_loss": loss}
+            for c, seed, loss in keys
+        ]
+        return {"config": {"quick": True}, "tasks": {"t": settings}, "runs": runs}
+
+    def stored() -> dict:
+        return {(r["candidate"], r["seed"]): r["eval_loss"] for r in json.loads(out.read_text())["runs"]}
+
+    base = {"lr": 1.0}
+    bench._save(out, doc(base, ("shardwise_32bit", 0, 1.0), ("shardwise_8bit", 0, 1.1)))
+    bench._save(out, doc(base, ("shardwise_32bit", 1, 2.0), ("shardwise_8bit", 1, 2.2)))
+    merged = bench._save(out, doc(base, ("shardwise_8bit", 0, 1.05)))
+    assert stored() == {
+        ("shardwise_32bit", 0): 1.0,
+        ("shardwise_8bit", 0): 1.05,
+        ("shardwise_32bit", 1): 2.0,
+        ("shardwise_8bit", 1): 2.2,
+    }
+    assert merged["summary"]["t"]["shardwise_8bit"]["n"] == 2
+    bench._save(out, doc({"lr": 2.0}, ("shardwise_32bit", 0, 3.0)))
+    assert stored() == {("shardwise_32bit", 0): 3.0}
+    bench._save(out, doc({"lr": 2.0}, ("shardwise_8bit", 0, 3.3)), drop_tasks=("t",))
+    assert stored() == {("shardwise_8bit", 0): 3.3}
+
+
 @pytest.mark.parametrize("impl", ["auto", "foreach"])
 def test_8bit_state_trains_like_32bit(impl):
     r = _paired((8, impl))
