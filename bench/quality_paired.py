@@ -33,10 +33,10 @@ elements in fp32 (their defaults). A missing library is recorded as ``unavailabl
 
 Runs are written to the JSON as they finish and a rerun skips the ones already there (same task
 settings), so an interrupted benchmark resumes; ``--fresh`` starts a task over. Several processes
-(one per task, or per range of seeds) can share the JSON: writes merge run by run under a file lock. Not a test: the committed run (4 candidates,
-5 seeds, one single-threaded process per task) took ~1.6 hours on 2 CPU cores; torchao's and
-bitsandbytes' CPU steps are the slow ones (tests/bench/test_quality_paired.py is the CI-sized
-version).
+(one per task, or per range of seeds) can share the JSON: writes merge run by run under a file
+lock. Not a test: the first 5 seeds of 4 candidates (one single-threaded process per task) took
+~1.6 hours on 2 CPU cores; torchao's and bitsandbytes' CPU steps are the slow ones
+(tests/bench/test_quality_paired.py is the CI-sized version).
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -131,6 +131,16 @@ def paired_summary(candidate: list[float], baseline: list[float]) -> dict:
         "rel_high": (mean + half) / base,
         "diffs": diffs,
     }
+
+
+def trajectory_deviation(candidate: list[float], baseline: list[float]) -> float:
+    """Mean over the steps of ``|train loss(candidate) - train loss(baseline)|`` in one paired run.
+
+    How closely a run follows the 32-bit one step by step, on the same batches: a lower-noise view
+    of the codec's fidelity than the final eval loss, whose paired difference is set by how much
+    the whole run drifts (one loss spike can amplify a small difference into most of it). The
+    summary reports its median over the seeds."""
+    return statistics.fmean(abs(c - b) for c, b in zip(candidate, baseline, strict=True))
 
 
 # -------------------------------------------------------------------------------------- optimizers
@@ -366,6 +376,10 @@ def summarize(doc: dict) -> None:
                 [by[BASELINE, seed]["eval_loss"] for seed in seeds],
             )
             out[name] |= {"seeds": seeds, "library": CANDIDATES[name][0], "label": CANDIDATES[name][1]}
+            out[name]["train_deviation"] = statistics.median(
+                trajectory_deviation(by[name, seed]["train_loss"], by[BASELINE, seed]["train_loss"])
+                for seed in seeds
+            )
             for metric in ("accuracy", "macro_f1", "perplexity"):
                 if metric in by[BASELINE, seeds[0]]:
                     out[name][metric] = {

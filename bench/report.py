@@ -2,9 +2,10 @@
 
 Nothing here measures anything and no number is typed by hand: every figure in BENCHMARKS.md comes
 from a results JSON written by one of the bench scripts (optim_step, optim_step_cuda, scaling,
-memory, e2e, zero, offload, quality_paired, codec_bias, quality_8bit). A missing JSON becomes a "not run"
-line; results taken with ``--quick`` are flagged as smoke-test sizes. The headline ratios (for the
-README) go into the marked block ``<!-- bench:headline -->`` ... ``<!-- /bench:headline -->``.
+memory, e2e, zero, offload, quality_paired, codec_bias, codec_roundtrip, quality_8bit). A missing
+JSON becomes a "not run" line; results taken with ``--quick`` are flagged as smoke-test sizes. The
+headline ratios (for the README) go into the marked block ``<!-- bench:headline -->`` ...
+``<!-- /bench:headline -->``.
 
     python bench/report.py [--results bench/results] [--out BENCHMARKS.md]
 """
@@ -653,6 +654,11 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
             if any(r["candidate"] == "torch_fused" for r in doc["runs"])
             else ""
         ),
+        "\n*Train-loss deviation*: how closely a run follows the 32-bit run on the same batches, "
+        "step by step (mean over the steps of |train loss - 32-bit train loss|, median over the "
+        "seeds). The eval-loss difference is one number at the end of a chaotic process (a single "
+        "loss spike can amplify a tiny difference into most of it); the deviation shows the "
+        "optimizer's fidelity with far less noise.",
         f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
@@ -691,6 +697,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                     f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
                     f"**{100 * r['rel_mean']:+.2f}%** "
                     f"[{100 * r['rel_low']:+.2f}, {100 * r['rel_high']:+.2f}]",
+                    f"{r['train_deviation']:.1e}" if "train_deviation" in r else "",
                     "; ".join(extra),
                 ]
             )
@@ -701,7 +708,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 if r["task"] == task and r.get("status") != "ok"
             }
         )
-        body += [[c, "0", status, "", ""] for c, status in unavailable]
+        body += [[c, "0", status, "", "", ""] for c, status in unavailable]
         out.append(
             _table(
                 [
@@ -709,6 +716,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                     "seeds",
                     "eval loss - 32-bit [95% CI]",
                     "relative [95% CI]",
+                    "train-loss deviation",
                     "mean metrics vs 32-bit",
                 ],
                 body,
@@ -775,6 +783,61 @@ def codec_bias_section(doc: dict) -> str:
     )
 
 
+def codec_roundtrip_section(doc: dict, plots: Path) -> str:
+    """bench/codec_roundtrip.py: each codec's one-step error on the states of a real 32-bit run."""
+    cfg = doc["config"]
+    body = [
+        [
+            name,
+            f"**{s['update_median']:.4f}**",
+            f"{s['update_max']:.4f}",
+            f"{s['update_at_spike']:.4f} (step {s['spike_step']})",
+            f"{s['m_median']:.4f}",
+            f"{s['v_median']:.4f}",
+        ]
+        for name, s in doc["summary"].items()
+    ]
+    body += [[name, status, "", "", "", ""] for name, status in doc["status"].items() if status != "ok"]
+    out = [
+        "Each codec's error on real optimizer states, without seed noise (bench/codec_roundtrip.py): "
+        f"one 32-bit fine-tune ({cfg['task']}, seed {cfg['seed']}, {len(doc['rows']) + 1} steps); before "
+        "every step, the stored moments of every tensor an 8-bit optimizer quantizes go once through "
+        "each codec, and the step's update is computed from the decoded and from the exact moments "
+        "with the same gradient. Relative L2 errors over all those tensors (median and max over the "
+        "steps; the spike is the step with the largest rise in training loss).",
+        f"\nMeasured on: {machine_line(doc)}.",
+        _quick_note(doc),
+        _table(["codec", "update error (median)", "max", "at the loss spike", "m error", "v error"], body),
+    ]
+    png = plot_codec_roundtrip(doc, plots / "codec_roundtrip.png")
+    if png:
+        out.append(f"\n![update error per step]({png})")
+    return "\n".join(out)
+
+
+def plot_codec_roundtrip(doc: dict, path: Path) -> str | None:
+    if not doc["summary"]:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    steps = [r["step"] for r in doc["rows"]]
+    for name, s in doc["summary"].items():
+        color = LIB_COLORS.get(s["library"], "k")
+        ax.plot(steps, [r[name]["update"] for r in doc["rows"]], "o-", ms=3, color=color, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("relative update error")
+    loss = ax.twinx()
+    loss.plot(steps, [r["train_loss"] for r in doc["rows"]], color="#999999", lw=1, ls="--")
+    loss.set_ylabel("train loss (dashed)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(
+        f"one pass through each codec, {doc['config']['task']} seed {doc['config']['seed']}", fontsize=9
+    )
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
 # ----------------------------------------------------------------------------------------- headline
 def headline(docs: dict[str, dict | None]) -> str:
     """The few ratios a README quotes: each script declares its own lines (the JSON's ``headline``),
@@ -808,6 +871,7 @@ def render(results: Path, plots: Path | None = None) -> str:
         "offload",
         "quality_paired",
         "codec_bias",
+        "codec_roundtrip",
         "quality_8bit",
         "gpu_check",
         "gpu_run",
@@ -846,6 +910,11 @@ def render(results: Path, plots: Path | None = None) -> str:
             "8-bit state: training quality (paired, many seeds)",
             "quality_paired",
             lambda d: quality_paired_section(d, plots),
+        ),
+        (
+            "8-bit state: each codec's error on a real run's moments",
+            "codec_roundtrip",
+            lambda d: codec_roundtrip_section(d, plots),
         ),
         ("8-bit state: what the codec does to the moments over many steps", "codec_bias", codec_bias_section),
         ("8-bit state: one demo run per state width", "quality_8bit", lambda d: quality_section(d, results)),

@@ -16,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 
 declare -A ARGS=(
-  [optim_step]="--reps 5 --warmup 2"   # 16 x 1024x1024 fp32, 2 threads, every candidate interleaved
+  [optim_step]="--reps 15 --warmup 2"  # 16 x 1024x1024 fp32, 2 threads, every candidate interleaved
   [scaling]="--max 256"                # 1M..256M params, ~7 GB RAM at the top
   [memory]=""                          # SmolLM2-135M, 4 x 256 tokens, a fresh process per optimizer
   [e2e]=""                             # MiniLM 32x32 (loop, HF Trainer), SmolLM2-135M 4x256, MiniLM on 2 DDP ranks
@@ -24,9 +24,10 @@ declare -A ARGS=(
   [offload]=""                         # CPUOffloadOptimizer vs DeepSpeedCPUAdam: host B/param, step; ~10 GB RAM
   [quality_paired]=""                  # paired fine-tunes, 5 seeds, 2 tasks: ~2 h; only when named
   [codec_bias]=""                      # moments through the 8-bit codec vs fp32 over 1,000 steps: seconds
+  [codec_roundtrip]=""                 # each 8-bit codec on a real SmolLM2 run's moments: ~5 minutes
   [report]="--readme README.md"       # BENCHMARKS.md, plots, and the README headline block
 )
-ORDER=(optim_step scaling memory e2e zero offload codec_bias report)
+ORDER=(optim_step scaling memory e2e zero offload codec_bias codec_roundtrip report)
 [ $# -gt 0 ] && ORDER=("$@")
 
 results=bench/results
@@ -35,6 +36,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   mkdir -p "$results"
   for name in optim_step scaling memory e2e offload quality_paired; do ARGS[$name]="--quick --out $results/$name.json"; done
   ARGS[codec_bias]="--steps 10 --out $results/codec_bias.json"
+  ARGS[codec_roundtrip]="--quick --out $results/codec_roundtrip.json"
   ARGS[zero]="--params-m 0.5 --steps 2 --warmup 1 --out $results/zero.json"
   ARGS[report]="--results $results --out $results/BENCHMARKS.md"
 fi

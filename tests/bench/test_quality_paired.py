@@ -112,7 +112,14 @@ def test_runs_merge_across_processes(tmp_path):
 
     def doc(settings: dict, *keys: tuple) -> dict:
         runs = [
-            {"task": "t", "candidate": c, "seed": seed, "status": "ok", "eval_loss": loss}
+            {
+                "task": "t",
+                "candidate": c,
+                "seed": seed,
+                "status": "ok",
+                "eval_loss": loss,
+                "train_loss": [loss],
+            }
             for c, seed, loss in keys
         ]
         return {"config": {"quick": True}, "tasks": {"t": settings}, "runs": runs}
@@ -226,6 +233,7 @@ def test_benchmark_quick_run_renders(tmp_path):
     }
     assert all(r["status"] == "ok" and r["steps"] == 6 for r in doc["runs"])
     assert set(doc["summary"]["minilm_r8"]) == {"shardwise_8bit", "torch_fused"}
+    assert doc["summary"]["minilm_r8"]["torch_fused"]["train_deviation"] >= 0
     proc = run(cmd, timeout=300)
     assert "runs to do" not in proc.stdout  # everything was kept
     sys.path.insert(0, str(BENCH))
@@ -234,3 +242,28 @@ def test_benchmark_quick_run_renders(tmp_path):
     text = report.render(tmp_path, tmp_path)
     assert "eval loss - 32-bit [95% CI]" in text and "shardwise AdamW 8-bit" in text
     assert (tmp_path / "quality_paired.png").exists()
+
+
+def test_trajectory_deviation():
+    bench = _bench_module()
+    assert bench.trajectory_deviation([1.0, 2.0, 3.0], [1.0, 2.5, 2.0]) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_codec_roundtrip_quick_run(tmp_path):
+    """bench/codec_roundtrip.py --quick: every codec is measured or says why not, and shardwise's
+    one-step update error on a real run's moments stays small (a codec regression would not)."""
+    ensure_assets("smollm2", "shakespeare")
+    out = tmp_path / "codec_roundtrip.json"
+    run([sys.executable, str(BENCH / "codec_roundtrip.py"), "--quick", "--out", str(out)], timeout=600)
+    doc = json.loads(out.read_text())
+    assert doc["status"]["shardwise"] == "ok"
+    assert all(s == "ok" or s.startswith("unavailable: ") for s in doc["status"].values())
+    assert len(doc["rows"]) == 3  # 4 quick steps; the first starts from zero state
+    ours = doc["summary"]["shardwise"]
+    assert 0 < ours["update_max"] < 0.02 and 0 < ours["m_max"] < 0.02 and 0 < ours["v_max"] < 0.02
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    text = report.codec_roundtrip_section(doc, tmp_path)
+    assert "| shardwise |" in text and (tmp_path / "codec_roundtrip.png").exists()
