@@ -12,10 +12,9 @@ from the decoded moments and from the exact ones (``c1, c2``: bias corrections),
 
     relative error = ||u(decoded) - u(exact)||_2 / ||u(exact)||_2
 
-summed over the tensors, and the same for the stored ``m`` and ``v`` alone. Codecs: shardwise's
-(``quant.encode`` / ``quant.decode``: square-root map for m, fourth-root map for v, blocks of 256),
-bitsandbytes' (``quantize_blockwise`` with AdamW8bit's dynamic maps and its blocks of 256) and
-torchao's (``OptimState8bit``, blocks of 256). A missing library is recorded as unavailable.
+summed over the tensors, and the same for the stored ``m`` and ``v`` alone. The codecs are
+bench/codecs_8bit.py's (shardwise, bitsandbytes AdamW8bit's, torchao AdamW8bit's; blocks of 256);
+a missing library is recorded as unavailable.
 
 Since every codec sees the same states, the comparison has no seed noise; the run's loss curve
 shows where loss spikes are, and whether the error grows at them (a spike widens the range of
@@ -34,57 +33,17 @@ import argparse
 import copy
 import math
 import statistics
-from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
+from codecs_8bit import BLOCK, CODECS, Roundtrip
 from common import RESULTS_DIR, log, machine_facts, unavailable, write_json
 from quality_paired import TASKS, TaskSettings, make_optimizer
-
-from shardwise.optim import quant
-
-BLOCK = 256
-Codec = Callable[[torch.Tensor, bool], torch.Tensor]  # (x, signed) -> decode(encode(x))
-
-
-def shardwise_codec(x: torch.Tensor, signed: bool) -> torch.Tensor:
-    codes, absmax = quant.encode(x, signed)
-    return quant.decode(codes, absmax, signed)
-
-
-def bitsandbytes_codec() -> Codec:
-    import bitsandbytes.functional as bf
-
-    maps = {True: bf.create_dynamic_map(signed=True), False: bf.create_dynamic_map(signed=False)}
-
-    def roundtrip(x: torch.Tensor, signed: bool) -> torch.Tensor:
-        codes, state = bf.quantize_blockwise(x.contiguous(), code=maps[signed], blocksize=BLOCK)
-        return bf.dequantize_blockwise(codes, state)
-
-    return roundtrip
-
-
-def torchao_codec() -> Codec:
-    from torchao.optim.subclass_8bit import OptimState8bit
-
-    def roundtrip(x: torch.Tensor, signed: bool) -> torch.Tensor:
-        state = OptimState8bit.zeros(x.shape, signed, block_size=BLOCK, device=x.device)
-        state.copy_(x)
-        return state.dequantize()
-
-    return roundtrip
-
-
-CODECS = {  # name -> (library, factory)
-    "shardwise": ("shardwise", lambda: shardwise_codec),
-    "bitsandbytes": ("bitsandbytes", bitsandbytes_codec),
-    "torchao": ("torchao", torchao_codec),
-}
 
 
 def relative_errors(
     states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    codec: Codec,
+    codec: Roundtrip,
     step: int,
     settings: TaskSettings,
 ) -> dict[str, float]:
@@ -125,7 +84,7 @@ def run(task_name: str, seed: int, steps: int | None, quick: bool) -> tuple[dict
     sched = get_scheduler("linear", opt, round(settings.warmup_ratio * len(batches)), len(batches))
     torch.manual_seed(10_000 + seed)  # quality_paired's dropout masks for this seed
     codecs, status = {}, {}
-    for name, (_, factory) in CODECS.items():
+    for name, factory in CODECS.items():
         try:
             codecs[name] = factory()
             codecs[name](torch.ones(BLOCK), True)  # fail here, not mid-run
@@ -171,7 +130,7 @@ def summarize(rows: list[dict], status: dict) -> dict:
             for key in ("m", "v", "update")
             for stat, f in (("median", statistics.median), ("max", max))
         }
-        out[name] |= {"library": CODECS[name][0], "spike_step": rows[spike]["step"],
+        out[name] |= {"library": name, "spike_step": rows[spike]["step"],
                       "update_at_spike": rows[spike][name]["update"]}  # fmt: skip
     return out
 

@@ -755,28 +755,45 @@ def plot_quality_paired(doc: dict, path: Path) -> str | None:
 
 
 def codec_bias_section(doc: dict) -> str:
-    """bench/codec_bias.py: Adam's moments carried through the 8-bit codec vs fp32, by decile of |g|."""
+    """bench/codec_bias.py: Adam's moments carried through each 8-bit codec vs fp32, by decile of |g|."""
     body = [
         [
+            r.get("codec", "shardwise"),  # results written before codec_bias compared codecs
             f"{r['decades']:g}",
             str(r["step"]),
             r["decile"],
             f"{r['v8_over_v32']:.4f}",
             f"{r['m8_over_m32']:.4f}",
-            f"**{r['update_ratio']:.4f}**",
+            f"**{r['update_ratio']:.4g}**",
+            f"{r['v_zero']:.2%}",
         ]
         for r in doc["rows"]
     ]
+    body += [
+        [name, status, "", "", "", "", "", ""]
+        for name, status in doc.get("status", {}).items()
+        if status != "ok"
+    ]
     return "\n".join(
         [
-            "Bias the 8-bit codec adds to the moments it re-encodes at every step (bench/codec_bias.py, "
+            "Bias each 8-bit codec adds to the moments it re-encodes at every step (bench/codec_bias.py, "
             "no model): gradients whose scales spread log-uniformly over 1 or 3 decades inside every "
             f"256-element block, Adam's moments (betas {tuple(doc['config']['betas'])}) in fp32 and, "
-            "side by side, through encode/decode. Ratios 8-bit / fp32 per decile of the gradient "
-            "scale; the update is |m / sqrt(v)|.",
+            "side by side, through each codec's encode/decode. Ratios 8-bit / fp32 per decile of the "
+            "gradient scale; the update is |m / sqrt(v)| from the stored moments; the last column is "
+            "the share of elements whose stored v is 0.",
             f"\nMeasured on: {machine_line(doc)}.\n",
             _table(
-                ["decades", "step", "decile of abs(g)", "v8 / v32", "abs(m8) / abs(m32)", "update 8 / 32"],
+                [
+                    "codec",
+                    "decades",
+                    "step",
+                    "decile of abs(g)",
+                    "v8 / v32",
+                    "abs(m8) / abs(m32)",
+                    "update 8 / 32",
+                    "v stored as 0",
+                ],
                 body,
             ),
         ]
