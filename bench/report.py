@@ -709,6 +709,13 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
             }
         )
         body += [[c, "0", status, "", "", ""] for c, status in unavailable]
+        versus = [
+            f"{r['label']} {r['vs_shardwise_8bit']['mean_diff']:+.4f} "
+            f"[{r['vs_shardwise_8bit']['ci_low']:+.4f}, {r['vs_shardwise_8bit']['ci_high']:+.4f}] "
+            f"({r['vs_shardwise_8bit']['n']} seeds)"
+            for r in summary.values()
+            if "vs_shardwise_8bit" in r
+        ]
         out.append(
             _table(
                 [
@@ -722,6 +729,11 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 body,
             )
         )
+        if versus:
+            out.append(
+                "\nThe other 8-bit optimizers against shardwise 8-bit directly (eval loss, paired mean "
+                "difference [95% CI]): " + "; ".join(versus) + "."
+            )
     png = plot_quality_paired(doc, plots / "quality_paired.png")
     if png:
         out.append(f"\n![paired eval-loss differences to 32-bit]({png})")
