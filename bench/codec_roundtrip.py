@@ -20,7 +20,7 @@ Since every codec sees the same states, the comparison has no seed noise; the ru
 shows where loss spikes are, and whether the error grows at them (a spike widens the range of
 values inside a block, which is where a codec's resolution runs out).
 
-    python bench/codec_roundtrip.py                        # SmolLM2, seed 0 (~3 minutes, 1 thread)
+    python bench/codec_roundtrip.py             # SmolLM2, seed 0: ~30 min on a free core (torchao is slow)
     python bench/codec_roundtrip.py --task minilm_r8 --steps 60
     python bench/codec_roundtrip.py --quick --out /tmp/c.json   # tiny random model, seconds
 

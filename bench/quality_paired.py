@@ -34,13 +34,17 @@ elements in fp32 (their defaults). A missing library is recorded as ``unavailabl
 Runs are written to the JSON as they finish and a rerun skips the ones already there (same task
 settings), so an interrupted benchmark resumes; ``--fresh`` starts a task over. Several processes
 (one per task, or per range of seeds) can share the JSON: writes merge run by run under a file
-lock. Not a test: the first 5 seeds of 4 candidates (one single-threaded process per task) took
-~1.6 hours on 2 CPU cores; torchao's and bitsandbytes' CPU steps are the slow ones
-(tests/bench/test_quality_paired.py is the CI-sized version).
+lock. Not a test (tests/bench/test_quality_paired.py is the CI-sized version): on 2 CPU cores a
+SmolLM2 run takes ~2 minutes on one thread, a MiniLM run ~3, torchao's and bitsandbytes' ~2x and
+~3x that. The committed results are the two default tasks x 5 seeds x 4 candidates (one
+single-threaded process per task, ~1.6 hours), then SmolLM2 seeds 5-14 without torchao (two
+processes, ~1 hour), then torch fused for the seeds without it:
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
     python bench/quality_paired.py --tasks smollm2 --threads 1
+    python bench/quality_paired.py --tasks smollm2 --threads 1 --seeds 5 6 7 8 9 \
+        --candidates shardwise_8bit bnb_8bit torch_fused &         # and --seeds 10 ... 14 beside it
     python bench/quality_paired.py --tasks minilm_r8 --seeds 0 1 2 --candidates shardwise_32bit shardwise_8bit
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 

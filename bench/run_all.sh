@@ -4,6 +4,7 @@
 #   bash bench/run_all.sh                     # all (about 20 minutes on 2 cores; run it on a quiet machine)
 #   bash bench/run_all.sh optim_step report   # a subset, by script name
 #   bash bench/run_all.sh quality_paired report   # 8-bit vs 32-bit training quality: ~2 h, not in the default set
+#   bash bench/run_all.sh codec_roundtrip report  # each 8-bit codec on a real run's moments: ~30 min, ditto
 #   QUICK=1 bash bench/run_all.sh             # smoke test of the whole pipeline (tiny sizes, a few minutes);
 #                                             # writes to $TMPDIR/shardwise-bench-quick, not bench/results
 #
@@ -24,10 +25,10 @@ declare -A ARGS=(
   [offload]=""                         # CPUOffloadOptimizer vs DeepSpeedCPUAdam: host B/param, step; ~10 GB RAM
   [quality_paired]=""                  # paired fine-tunes, 5 seeds, 2 tasks: ~2 h; only when named
   [codec_bias]=""                      # moments through the 8-bit codec vs fp32 over 1,000 steps: seconds
-  [codec_roundtrip]=""                 # each 8-bit codec on a real SmolLM2 run's moments: ~5 minutes
+  [codec_roundtrip]=""                 # each 8-bit codec on a real SmolLM2 run's moments: ~30 min; only when named
   [report]="--readme README.md"       # BENCHMARKS.md, plots, and the README headline block
 )
-ORDER=(optim_step scaling memory e2e zero offload codec_bias codec_roundtrip report)
+ORDER=(optim_step scaling memory e2e zero offload codec_bias report)
 [ $# -gt 0 ] && ORDER=("$@")
 
 results=bench/results
