@@ -70,7 +70,8 @@ def relative_errors(
 
 
 def run(task_name: str, seed: int, steps: int | None, quick: bool) -> tuple[dict, list[dict], dict]:
-    """Train the 32-bit run; after every step, every codec's relative errors on its moments."""
+    """Train the 32-bit run; before every step (from the second), every codec's relative errors on
+    the stored moments and on the update this step's gradient then gives."""
     from transformers import get_scheduler
 
     settings, cls = TASKS[task_name]
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
             "block": BLOCK,
             "threads": args.threads,
             "settings": settings,
-        },  # fmt: skip
+        },
         "status": status,
         "rows": rows,
         "summary": summary,

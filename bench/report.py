@@ -793,7 +793,9 @@ def codec_bias_section(doc: dict) -> str:
             f"256-element block, Adam's moments (betas {tuple(doc['config']['betas'])}) in fp32 and, "
             "side by side, through each codec's encode/decode. Ratios 8-bit / fp32 per decile of the "
             "gradient scale; the update is |m / sqrt(v)| from the stored moments; the last column is "
-            "the share of elements whose stored v is 0.",
+            "the share of elements whose stored v is 0 (where m is not, the stored moments imply a "
+            "step of m / eps: the huge ratios; the optimizer adds the next gradient's term to v "
+            "first, so such an element's real step is large but finite).",
             f"\nMeasured on: {machine_line(doc)}.\n",
             _table(
                 [
