@@ -131,8 +131,7 @@ def summarize(rows: list[dict], status: dict) -> dict:
             for key in ("m", "v", "update")
             for stat, f in (("median", statistics.median), ("max", max))
         }
-        out[name] |= {"library": name, "spike_step": rows[spike]["step"],
-                      "update_at_spike": rows[spike][name]["update"]}  # fmt: skip
+        out[name] |= {"spike_step": rows[spike]["step"], "update_at_spike": rows[spike][name]["update"]}
     return out
 
 

@@ -380,13 +380,12 @@ def summarize(doc: dict) -> None:
                 [by[BASELINE, seed]["eval_loss"] for seed in seeds],
             )
             out[name] |= {"seeds": seeds, "library": CANDIDATES[name][0], "label": CANDIDATES[name][1]}
-            if name not in ("shardwise_8bit", "torch_fused") and ("shardwise_8bit", seeds[0]) in by:
-                both = [seed for seed in seeds if ("shardwise_8bit", seed) in by]
-                if len(both) >= 2:  # the other 8-bit optimizers against ours directly, paired
-                    out[name]["vs_shardwise_8bit"] = paired_summary(
-                        [by[name, seed]["eval_loss"] for seed in both],
-                        [by["shardwise_8bit", seed]["eval_loss"] for seed in both],
-                    )
+            both = [seed for seed in seeds if ("shardwise_8bit", seed) in by]
+            if name not in ("shardwise_8bit", "torch_fused") and len(both) >= 2:
+                out[name]["vs_shardwise_8bit"] = paired_summary(  # the other 8-bit ones against ours
+                    [by[name, seed]["eval_loss"] for seed in both],
+                    [by["shardwise_8bit", seed]["eval_loss"] for seed in both],
+                )
             out[name]["train_deviation"] = statistics.median(
                 trajectory_deviation(by[name, seed]["train_loss"], by[BASELINE, seed]["train_loss"])
                 for seed in seeds
@@ -408,7 +407,7 @@ def summarize(doc: dict) -> None:
                         f"[{100 * r['rel_low']:+.2f}, {100 * r['rel_high']:+.2f}]"
                     )
             deviation = ", ".join(
-                f"{CANDIDATES[name][1].split()[0]} {out[name]['train_deviation']:.1e}"
+                f"{CANDIDATES[name][0]} {out[name]['train_deviation']:.1e}"
                 for name in ("shardwise_8bit", "bnb_8bit", "torchao_8bit")
                 if name in out
             )

@@ -852,8 +852,8 @@ def plot_codec_roundtrip(doc: dict, path: Path) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     steps = [r["step"] for r in doc["rows"]]
-    for name, s in doc["summary"].items():
-        color = LIB_COLORS.get(s["library"], "k")
+    for name in doc["summary"]:
+        color = LIB_COLORS.get(name, "k")  # a codec is named by its library
         ax.plot(steps, [r[name]["update"] for r in doc["rows"]], "o-", ms=3, color=color, label=name)
     ax.set_yscale("log")
     ax.set_xlabel("step")
