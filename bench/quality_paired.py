@@ -23,11 +23,19 @@ Tasks (``--tasks``), both from the offline asset cache (``make assets``):
   4 blocks x 64 tokens (CPU-sized: ~2 minutes a run on one core), lr 2e-4, betas (0.9, 0.95), same
   schedule; no dropout, so a seed is a data order. Primary measure: held-out loss (log perplexity)
   on 32 blocks of Macbeth + The Tempest.
+* ``minilm_r8_2ep``: the demo fine-tune trained further, two epochs (344 steps; the lr decays to 0
+  over both). Not in the default ``--tasks``: its runs take twice as long.
+
+``--lr`` runs a task at another learning rate, stored as a task of its own (``smollm2_lr0.0006``),
+so that an lr sweep of the baseline (``--candidates shardwise_32bit``) never touches the default
+lr's runs.
 
 Candidates (``--candidates``): ``shardwise_32bit`` (the baseline of every difference),
 ``shardwise_8bit``, ``torch_fused`` (torch.optim.AdamW fused fp32: an equivalent 32-bit
 implementation, so its row shows how large a difference "no difference" is once float rounding is
-amplified by training), ``bnb_8bit`` (bitsandbytes AdamW8bit), ``torchao_8bit`` (torchao AdamW8bit).
+amplified by training), ``bnb_8bit`` (bitsandbytes AdamW8bit), ``torchao_8bit`` (torchao AdamW8bit),
+and a control, ``shardwise_32bit_lr105`` (32-bit at 1.05x the lr: what steps ~5% larger, as
+bitsandbytes' codec takes in the middle of a block, do to the task by themselves).
 All get the same hyperparameters and parameter groups; the 8-bit ones all keep tensors under 4,096
 elements in fp32 (their defaults). A missing library is recorded as ``unavailable: ...``.
 
@@ -61,7 +69,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,7 +82,13 @@ CANDIDATES = {  # name -> (library, label)
     "torch_fused": ("torch", "torch AdamW fused (fp32)"),
     "bnb_8bit": ("bitsandbytes", "bitsandbytes AdamW8bit"),
     "torchao_8bit": ("torchao", "torchao AdamW8bit"),
+    # A control, not a contender: 32-bit state with a 5% larger lr, the size of the step inflation
+    # that bitsandbytes' codec adds in the middle of a block (bench/codec_bias.py). Its row shows what
+    # steps that much larger do to the task by themselves.
+    "shardwise_32bit_lr105": ("shardwise", "shardwise AdamW 32-bit, lr x1.05 (control)"),
 }
+LR_SCALE = {"shardwise_32bit_lr105": 1.05}
+EIGHT_BIT = ("shardwise_8bit", "bnb_8bit", "torchao_8bit")
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond.
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
@@ -153,11 +167,11 @@ def make_optimizer(name: str, model: torch.nn.Module, s: TaskSettings):
     from shardwise.optim import param_groups
 
     groups = param_groups(model, s.weight_decay)  # decay on matrices; biases and norms without
-    kw = dict(lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    kw = dict(lr=s.lr * LR_SCALE.get(name, 1.0), betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
     if name.startswith("shardwise_"):
         from shardwise.optim import AdamW
 
-        return AdamW(groups, **kw, state_bits=8 if name.endswith("8bit") else 32)
+        return AdamW(groups, **kw, state_bits=8 if name == "shardwise_8bit" else 32)
     if name == "torch_fused":
         return torch.optim.AdamW(groups, **kw, fused=True)
     if name == "bnb_8bit":
@@ -191,15 +205,19 @@ class Task:
 def _dataloader_batches(ds, batch_size: int, collate, seed: int, limit: int | None) -> list[dict]:
     from torch.utils.data import DataLoader
 
+    """The seed's batches: one shuffled pass over ``ds``, or ``limit`` batches, reshuffled for every
+    further epoch that takes (the first epoch's batches are the same either way)."""
     dl = DataLoader(
         ds, batch_size, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
     )
     out = []
-    for batch in dl:
-        if limit is not None and len(out) == limit:
-            break
-        out.append(dict(batch))
-    return out
+    while True:
+        for batch in dl:
+            if limit is not None and len(out) == limit:
+                return out
+            out.append(dict(batch))
+        if limit is None or len(out) == limit:
+            return out
 
 
 class MiniLMR8(Task):
@@ -297,7 +315,25 @@ class SmolLM2(Task):
         return {"eval_loss": loss, "perplexity": math.exp(loss)}
 
 
-TASKS = {"minilm_r8": (MINILM_R8, MiniLMR8), "smollm2": (SMOLLM2, SmolLM2)}
+# The demo fine-tune trained further: two epochs, the lr decaying to 0 over both (on this CPU its
+# runs take 2x as long, so fewer candidates ran it).
+MINILM_R8_2EP = replace(MINILM_R8, task="minilm_r8_2ep", max_steps=2 * 172)
+TASKS = {
+    "minilm_r8": (MINILM_R8, MiniLMR8),
+    "smollm2": (SMOLLM2, SmolLM2),
+    "minilm_r8_2ep": (MINILM_R8_2EP, MiniLMR8),
+}
+
+
+def task_settings(name: str, lr: float | None = None, quick: bool = False) -> tuple[TaskSettings, type]:
+    """A task's settings and class; at another ``lr`` it is a task of its own, named
+    ``<name>_lr<lr>``, so that its runs never replace (or pair with) the default lr's."""
+    settings, cls = TASKS[name]
+    if lr is not None:
+        settings = replace(settings, task=f"{name}_lr{lr:g}", lr=lr)
+    if quick:
+        settings = replace(settings, max_steps=6, batch_size=8)
+    return settings, cls
 
 
 # --------------------------------------------------------------------------------------- training
@@ -381,7 +417,7 @@ def summarize(doc: dict) -> None:
             )
             out[name] |= {"seeds": seeds, "library": CANDIDATES[name][0], "label": CANDIDATES[name][1]}
             both = [seed for seed in seeds if ("shardwise_8bit", seed) in by]
-            if name not in ("shardwise_8bit", "torch_fused") and len(both) >= 2:
+            if name in EIGHT_BIT and name != "shardwise_8bit" and len(both) >= 2:
                 out[name]["vs_shardwise_8bit"] = paired_summary(  # the other 8-bit ones against ours
                     [by[name, seed]["eval_loss"] for seed in both],
                     [by["shardwise_8bit", seed]["eval_loss"] for seed in both],
@@ -399,7 +435,7 @@ def summarize(doc: dict) -> None:
         doc["summary"][task] = out
         if "shardwise_8bit" in out:
             parts = []
-            for name in ("shardwise_8bit", "bnb_8bit", "torchao_8bit"):
+            for name in EIGHT_BIT:
                 if name in out:
                     r = out[name]
                     parts.append(
@@ -408,7 +444,7 @@ def summarize(doc: dict) -> None:
                     )
             deviation = ", ".join(
                 f"{CANDIDATES[name][0]} {out[name]['train_deviation']:.1e}"
-                for name in ("shardwise_8bit", "bnb_8bit", "torchao_8bit")
+                for name in EIGHT_BIT
                 if name in out
             )
             doc["headline"].append(
@@ -420,7 +456,7 @@ def summarize(doc: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=["minilm_r8", "smollm2"], choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument(
         "--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES),
@@ -429,6 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny random models, a few steps (smoke test)")
     parser.add_argument("--fresh", action="store_true", help="ignore the runs already in --out")
+    parser.add_argument(
+        "--lr", type=float, help="the tasks at this lr instead (stored as task '<task>_lr<lr>', apart)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality_paired.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -442,10 +481,9 @@ def main(argv: list[str] | None = None) -> dict:
         "tasks": {},  # this process's; _save keeps the other tasks stored in --out
         "runs": [],
     }
-    for name in args.tasks:
-        settings, cls = TASKS[name]
-        if args.quick:
-            settings = TaskSettings(**{**asdict(settings), "max_steps": 6, "batch_size": 8})
+    for task_name in args.tasks:
+        settings, cls = task_settings(task_name, args.lr, args.quick)
+        name = settings.task
         doc["tasks"][name] = json.loads(json.dumps(asdict(settings)))  # as stored: tuples become lists
         if args.fresh:
             _save(args.out, doc, drop_tasks=(name,))

@@ -662,7 +662,12 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
         f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
+    sweeps = {  # tasks run at another --lr: "<task>_lr<lr>"
+        t: s for t, s in doc["tasks"].items() if "_lr" in t and t.rsplit("_lr", 1)[0] in doc["tasks"]
+    }
     for task, settings in doc["tasks"].items():
+        if task in sweeps:
+            continue
         summary = doc["summary"].get(task, {})
         base = [
             r["eval_loss"]
@@ -734,10 +739,47 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 "\nThe other 8-bit optimizers against shardwise 8-bit directly (eval loss, paired mean "
                 "difference [95% CI]): " + "; ".join(versus) + "."
             )
+    if sweeps:
+        out.append(lr_sweep_table(doc, sweeps))
     png = plot_quality_paired(doc, plots / "quality_paired.png")
     if png:
         out.append(f"\n![paired eval-loss differences to 32-bit]({png})")
     return "\n".join(out)
+
+
+def lr_sweep_table(doc: dict, sweeps: dict) -> str:
+    """Tasks run at another ``--lr`` (the baseline alone): shardwise 32-bit's mean eval loss per lr,
+    next to the default lr's on the same seeds (is the paired comparison at a sensible lr?)."""
+    ok = [r for r in doc["runs"] if r["candidate"] == "shardwise_32bit" and r.get("status") == "ok"]
+    loss = {(r["task"], r["seed"]): r["eval_loss"] for r in ok}
+    body = []
+    for task, settings in sorted(sweeps.items(), key=lambda kv: (kv[0].rsplit("_lr", 1)[0], kv[1]["lr"])):
+        default = task.rsplit("_lr", 1)[0]
+        seeds = sorted(seed for t, seed in loss if t == task and (default, seed) in loss)
+        if not seeds:
+            continue
+        body.append(
+            [
+                default,
+                f"{settings['lr']:g}",
+                f"{doc['tasks'][default]['lr']:g}",
+                " ".join(map(str, seeds)),
+                f"{statistics.fmean(loss[task, s] for s in seeds):.4f}",
+                f"{statistics.fmean(loss[default, s] for s in seeds):.4f}",
+            ]
+        )
+    if not body:
+        return ""
+    return "\n".join(
+        [
+            "\nIs the comparison at a sensible learning rate? shardwise 32-bit alone at other lrs "
+            "(`--lr`, same seeds, everything else equal), against the task's own lr:\n",
+            _table(
+                ["task", "lr", "task's lr", "seeds", "eval loss at lr", "eval loss at the task's lr"],
+                body,
+            ),
+        ]
+    )
 
 
 def plot_quality_paired(doc: dict, path: Path) -> str | None:

@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,61 @@ def test_runs_merge_across_processes(tmp_path):
     assert stored() == {("shardwise_32bit", 0): 3.0}
     bench._save(out, doc({"lr": 2.0}, ("shardwise_8bit", 0, 3.3)), drop_tasks=("t",))
     assert stored() == {("shardwise_8bit", 0): 3.3}
+
+
+def test_lr_control_and_other_lr_tasks():
+    """The lr x1.05 control is shardwise 32-bit with a 5% larger lr; a task run at another lr is
+    stored under its own name, so it never replaces the default lr's runs."""
+    bench = _bench_module()
+    model = torch.nn.Linear(64, 64)
+    control = bench.make_optimizer("shardwise_32bit_lr105", model, bench.SMOLLM2)
+    assert [g["lr"] for g in control.param_groups] == pytest.approx([1.05 * bench.SMOLLM2.lr] * 2)
+    assert control.state_bits == 32
+    assert bench.make_optimizer("shardwise_8bit", model, bench.SMOLLM2).state_bits == 8
+    settings, _ = bench.task_settings("smollm2", lr=1.2e-3)
+    assert (settings.task, settings.lr, settings.max_steps) == ("smollm2_lr0.0012", 1.2e-3, 30)
+    assert bench.task_settings("smollm2")[0] == bench.SMOLLM2
+
+
+def test_report_renders_an_lr_sweep_apart(tmp_path):
+    """Tasks run at another --lr are summarised in one table (mean 32-bit eval loss per lr, against
+    the task's own lr on the same seeds), not as empty paired tables."""
+    bench = _bench_module()
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    def run(task, candidate, seed, loss):
+        return {"task": task, "candidate": candidate, "seed": seed, "status": "ok", "eval_loss": loss,
+                "train_loss": [loss]}  # fmt: skip
+
+    settings = json.loads(json.dumps(asdict(bench.SMOLLM2)))
+    swept = json.loads(json.dumps(asdict(bench.task_settings("smollm2", lr=6e-4)[0])))
+    runs = [run("smollm2", c, s, 4.0 + s / 10) for c in ("shardwise_32bit", "shardwise_8bit") for s in (0, 1)]
+    runs += [run("smollm2_lr0.0006", "shardwise_32bit", s, 4.3 + s / 10) for s in (0, 1, 2)]
+    tasks = {"smollm2": settings, "smollm2_lr0.0006": swept}
+    doc = {"config": {"quick": False}, "tasks": tasks, "runs": runs}
+    bench.summarize(doc)
+    doc["machine"] = {}
+    text = report.quality_paired_section(doc, tmp_path)
+    assert "| smollm2 | 0.0006 | 0.0002 | 0 1 | 4.3500 | 4.0500 |" in text
+    assert "**smollm2_lr0.0006**" not in text and "**smollm2**" in text
+
+
+def test_batches_past_one_epoch_reshuffle_and_keep_the_first():
+    """A task of two epochs sees the one-epoch task's batches first, then a fresh shuffle."""
+    bench = _bench_module()
+    ds = list(range(10))
+
+    def collate(xs):
+        return {"x": torch.tensor(xs)}
+
+    def draw(limit):
+        return [b["x"].tolist() for b in bench._dataloader_batches(ds, 5, collate, 3, limit)]
+
+    one, two = draw(None), draw(4)
+    assert len(one) == 2 and len(two) == 4 and two[:2] == one
+    assert sorted(two[2] + two[3]) == ds and two[2:] != one
+    assert draw(1) == one[:1]
 
 
 @pytest.mark.parametrize("impl", ["auto", "foreach"])
