@@ -35,7 +35,10 @@ Candidates (``--candidates``): ``shardwise_32bit`` (the baseline of every differ
 implementation, so its row shows how large a difference "no difference" is once float rounding is
 amplified by training), ``bnb_8bit`` (bitsandbytes AdamW8bit), ``torchao_8bit`` (torchao AdamW8bit),
 and a control, ``shardwise_32bit_lr105`` (32-bit at 1.05x the lr: what steps ~5% larger, as
-bitsandbytes' codec takes in the middle of a block, do to the task by themselves).
+bitsandbytes' codec takes in the middle of a block, do to the task by themselves) and two
+simulations, ``sim_bnb_codec_mv`` and ``sim_bnb_codec_v`` (shardwise 32-bit whose moments, both or
+v alone, go through bitsandbytes' codec after every step: which stored moment makes bitsandbytes'
+runs differ).
 All get the same hyperparameters and parameter groups; the 8-bit ones all keep tensors under 4,096
 elements in fp32 (their defaults). A missing library is recorded as ``unavailable: ...``.
 
@@ -86,7 +89,13 @@ CANDIDATES = {  # name -> (library, label)
     # that bitsandbytes' codec adds in the middle of a block (bench/codec_bias.py). Its row shows what
     # steps that much larger do to the task by themselves.
     "shardwise_32bit_lr105": ("shardwise", "shardwise AdamW 32-bit, lr x1.05 (control)"),
+    # Simulations, to find where bitsandbytes' difference comes from: shardwise 32-bit whose moments
+    # (both, or v alone) go through bitsandbytes' 8-bit codec after every step, as if stored in it.
+    "sim_bnb_codec_mv": ("bitsandbytes", "32-bit, m and v through bitsandbytes' codec (simulation)"),
+    "sim_bnb_codec_v": ("bitsandbytes", "32-bit, v through bitsandbytes' codec (simulation)"),
 }
+SIMULATED = {"sim_bnb_codec_mv": ("exp_avg", "exp_avg_sq"), "sim_bnb_codec_v": ("exp_avg_sq",)}
+MIN_8BIT_SIZE = 4096  # the 8-bit optimizers' default: smaller tensors keep fp32 state
 LR_SCALE = {"shardwise_32bit_lr105": 1.05}
 EIGHT_BIT = ("shardwise_8bit", "bnb_8bit", "torchao_8bit")
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond.
@@ -172,6 +181,12 @@ def make_optimizer(name: str, model: torch.nn.Module, s: TaskSettings):
         from shardwise.optim import AdamW
 
         return AdamW(groups, **kw, state_bits=8 if name == "shardwise_8bit" else 32)
+    if name in SIMULATED:
+        from codecs_8bit import bitsandbytes
+
+        from shardwise.optim import AdamW
+
+        return state_through_codec(AdamW(groups, **kw), bitsandbytes(), SIMULATED[name])
     if name == "torch_fused":
         return torch.optim.AdamW(groups, **kw, fused=True)
     if name == "bnb_8bit":
@@ -183,6 +198,25 @@ def make_optimizer(name: str, model: torch.nn.Module, s: TaskSettings):
 
         return AdamW8bit(groups, **kw)  # block_size=256; tensors < 4096 elements stay fp32
     raise KeyError(f"unknown candidate {name!r} (one of {', '.join(CANDIDATES)})")
+
+
+def state_through_codec(opt: torch.optim.Optimizer, roundtrip, keys: tuple[str, ...]):
+    """``opt`` (32-bit state) simulating an 8-bit store of the moments in ``keys``: after every step
+    each one is replaced by ``roundtrip(moment)``, what the codec would give back. As in the real
+    8-bit optimizers, a step computes its update from the exact new moments and the codec's error
+    reaches the next step; tensors under ``MIN_8BIT_SIZE`` elements stay exact."""
+
+    @torch.no_grad()
+    def store(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if state and p.numel() >= MIN_8BIT_SIZE:
+                    for key in keys:
+                        state[key].copy_(roundtrip(state[key], key == "exp_avg"))
+
+    opt.register_step_post_hook(store)
+    return opt
 
 
 # ------------------------------------------------------------------------------------------- tasks

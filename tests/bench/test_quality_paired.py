@@ -159,6 +159,21 @@ def test_lr_control_and_other_lr_tasks():
     assert bench.task_settings("smollm2")[0] == bench.SMOLLM2
 
 
+def test_simulated_codec_replaces_the_moments_after_every_step():
+    """The simulation candidates: after each step the chosen moments of every tensor of at least
+    4,096 elements are what the codec gave back; smaller tensors and the other moment stay exact."""
+    bench = _bench_module()
+    model = torch.nn.Linear(64, 64)  # a 4,096-element weight, a 64-element bias
+    opt = bench.state_through_codec(
+        AdamW(model.parameters(), lr=1e-3), lambda x, signed: torch.full_like(x, 7.0), ("exp_avg_sq",)
+    )
+    model(torch.randn(8, 64)).square().mean().backward()
+    opt.step()
+    weight, bias = opt.state[model.weight], opt.state[model.bias]
+    assert torch.all(weight["exp_avg_sq"] == 7.0) and not torch.any(weight["exp_avg"] == 7.0)
+    assert not torch.any(bias["exp_avg_sq"] == 7.0)
+
+
 def test_report_renders_an_lr_sweep_apart(tmp_path):
     """Tasks run at another --lr are summarised in one table (mean 32-bit eval loss per lr, against
     the task's own lr on the same seeds), not as empty paired tables."""
