@@ -98,6 +98,7 @@ SIMULATED = {"sim_bnb_codec_mv": ("exp_avg", "exp_avg_sq"), "sim_bnb_codec_v": (
 MIN_8BIT_SIZE = 4096  # the 8-bit optimizers' default: smaller tensors keep fp32 state
 LR_SCALE = {"shardwise_32bit_lr105": 1.05}
 EIGHT_BIT = ("shardwise_8bit", "bnb_8bit", "torchao_8bit")
+CONTENDERS = ("shardwise_32bit", "torch_fused", *EIGHT_BIT)  # the default --candidates
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond.
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
@@ -237,10 +238,10 @@ class Task:
 
 
 def _dataloader_batches(ds, batch_size: int, collate, seed: int, limit: int | None) -> list[dict]:
-    from torch.utils.data import DataLoader
-
     """The seed's batches: one shuffled pass over ``ds``, or ``limit`` batches, reshuffled for every
     further epoch that takes (the first epoch's batches are the same either way)."""
+    from torch.utils.data import DataLoader
+
     dl = DataLoader(
         ds, batch_size, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
     )
@@ -493,8 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", nargs="+", default=["minilm_r8", "smollm2"], choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument(
-        "--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES),
-        help="the baseline (shardwise_32bit) always runs",
+        "--candidates", nargs="+", default=list(CONTENDERS), choices=list(CANDIDATES),
+        help="the baseline (shardwise_32bit) always runs; the control and simulations when named",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny random models, a few steps (smoke test)")
