@@ -49,7 +49,10 @@ lock. Not a test (tests/bench/test_quality_paired.py is the CI-sized version): o
 SmolLM2 run takes ~2 minutes on one thread, a MiniLM run ~3, torchao's and bitsandbytes' ~2x and
 ~3x that. The committed results are the two default tasks x 5 seeds x 4 candidates (one
 single-threaded process per task, ~1.6 hours), then SmolLM2 seeds 5-14 without torchao (two
-processes, ~1 hour), then torch fused for the seeds without it:
+processes, ~1 hour), then torch fused for the seeds without it; then the lr x1.05 control on
+SmolLM2's 15 seeds, a 32-bit lr sweep (1e-4 and 6e-4 on seeds 0-2, 1.2e-3 on seed 0), the two
+simulations on seeds 0-4, and ``minilm_r8_2ep`` with shardwise 32/8-bit and bitsandbytes on
+seeds 0-4 (two processes, ~1.7 hours):
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -57,6 +60,11 @@ processes, ~1 hour), then torch fused for the seeds without it:
     python bench/quality_paired.py --tasks smollm2 --threads 1 --seeds 5 6 7 8 9 \
         --candidates shardwise_8bit bnb_8bit torch_fused &         # and --seeds 10 ... 14 beside it
     python bench/quality_paired.py --tasks minilm_r8 --seeds 0 1 2 --candidates shardwise_32bit shardwise_8bit
+    python bench/quality_paired.py --tasks smollm2 --threads 1 --candidates shardwise_32bit_lr105 \
+        sim_bnb_codec_mv sim_bnb_codec_v                           # the control and simulations
+    python bench/quality_paired.py --tasks smollm2 --threads 1 --seeds 0 1 2 --lr 6e-4 \
+        --candidates shardwise_32bit                               # one point of the lr sweep
+    python bench/quality_paired.py --tasks minilm_r8_2ep --threads 1 --candidates shardwise_8bit bnb_8bit
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 
 Writes ``bench/results/quality_paired.json``; ``bench/report.py`` renders it (table and plot).

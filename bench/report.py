@@ -643,7 +643,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
     shardwise 32-bit with its 95% t-interval, absolute and relative, plus the secondary metrics."""
     out = [
         "Does 8-bit optimizer state cost quality? Paired fine-tunes (bench/quality_paired.py, run "
-        "separately: it trains real models for one to two hours on 2 CPU cores): for each seed every "
+        "separately: it trains real models for hours on 2 CPU cores): for each seed every "
         "optimizer starts from the same model and sees the same batches and dropout masks; the "
         "difference of its held-out loss to shardwise 32-bit's is taken per seed, then averaged over "
         "the seeds, with a 95% t-interval. An interval that includes 0 means no measurable "
