@@ -787,9 +787,11 @@ def plot_quality_paired(doc: dict, path: Path) -> str | None:
     if not tasks:
         return None
     plt = _plt()
+    rows_per_task = [len(doc["summary"][t]) for t in tasks]
     fig, axes = plt.subplots(
-        len(tasks), 1, figsize=(8, 1.6 + 0.5 * sum(len(doc["summary"][t]) for t in tasks))
-    )
+        len(tasks), 1, figsize=(8, 1.6 + 0.5 * sum(rows_per_task)),
+        gridspec_kw={"height_ratios": [n + 1 for n in rows_per_task]},
+    )  # fmt: skip
     axes = axes if len(tasks) > 1 else [axes]
     for ax, task in zip(axes, tasks, strict=True):
         rows = list(doc["summary"][task].items())
