@@ -11,7 +11,7 @@ own luck, and over ``n`` seeds we report the mean of ``d`` with its 95% t-interv
 includes 0 says the candidate is indistinguishable from 32-bit state at this sample size; its width
 says how small a cost we could have seen.
 
-Tasks (``--tasks``), both from the offline asset cache (``make assets``):
+Tasks (``--tasks``), all from the offline asset cache (``make assets``):
 
 * ``minilm_r8``: the demo fine-tune (``configs/recipes/bert_minilm_r8.yaml``): all-MiniLM-L6-v2 + a
   fresh 8-way head on Reuters R8, 1 epoch = 172 steps of 32 texts x 32 tokens, lr 2e-4 (the demo
