@@ -105,7 +105,7 @@ CANDIDATES = {  # name -> (library, label)
 SIMULATED = {"sim_bnb_codec_mv": ("exp_avg", "exp_avg_sq"), "sim_bnb_codec_v": ("exp_avg_sq",)}
 MIN_8BIT_SIZE = 4096  # the 8-bit optimizers' default: smaller tensors keep fp32 state
 LR_SCALE = {"shardwise_32bit_lr105": 1.05}
-EIGHT_BIT = ("shardwise_8bit", "bnb_8bit", "torchao_8bit")
+EIGHT_BIT = ("shardwise_8bit", "bnb_8bit", "torchao_8bit")  # ours first
 CONTENDERS = ("shardwise_32bit", "torch_fused", *EIGHT_BIT)  # the default --candidates
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond.
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -460,8 +460,8 @@ def summarize(doc: dict) -> None:
             )
             out[name] |= {"seeds": seeds, "library": CANDIDATES[name][0], "label": CANDIDATES[name][1]}
             both = [seed for seed in seeds if ("shardwise_8bit", seed) in by]
-            if name in EIGHT_BIT and name != "shardwise_8bit" and len(both) >= 2:
-                out[name]["vs_shardwise_8bit"] = paired_summary(  # the other 8-bit ones against ours
+            if name in EIGHT_BIT[1:] and len(both) >= 2:  # the other 8-bit ones against ours
+                out[name]["vs_shardwise_8bit"] = paired_summary(
                     [by[name, seed]["eval_loss"] for seed in both],
                     [by["shardwise_8bit", seed]["eval_loss"] for seed in both],
                 )

@@ -662,8 +662,8 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
         f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
-    sweeps = {  # tasks run at another --lr: "<task>_lr<lr>"
-        t: s for t, s in doc["tasks"].items() if "_lr" in t and t.rsplit("_lr", 1)[0] in doc["tasks"]
+    sweeps = {  # tasks run at another --lr, "<task>_lr<lr>": their default task
+        t: base for t in doc["tasks"] if (base := t.rsplit("_lr", 1)[0]) != t and base in doc["tasks"]
     }
     for task, settings in doc["tasks"].items():
         if task in sweeps:
@@ -747,14 +747,15 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
     return "\n".join(out)
 
 
-def lr_sweep_table(doc: dict, sweeps: dict) -> str:
-    """Tasks run at another ``--lr`` (the baseline alone): shardwise 32-bit's mean eval loss per lr,
-    next to the default lr's on the same seeds (is the paired comparison at a sensible lr?)."""
+def lr_sweep_table(doc: dict, sweeps: dict[str, str]) -> str:
+    """Tasks run at another ``--lr`` (the baseline alone; ``sweeps`` maps each to its default task):
+    shardwise 32-bit's mean eval loss per lr, next to the default lr's on the same seeds (is the
+    paired comparison at a sensible lr?)."""
     ok = [r for r in doc["runs"] if r["candidate"] == "shardwise_32bit" and r.get("status") == "ok"]
     loss = {(r["task"], r["seed"]): r["eval_loss"] for r in ok}
     body = []
-    for task, settings in sorted(sweeps.items(), key=lambda kv: (kv[0].rsplit("_lr", 1)[0], kv[1]["lr"])):
-        default = task.rsplit("_lr", 1)[0]
+    for task, default in sorted(sweeps.items(), key=lambda kv: (kv[1], doc["tasks"][kv[0]]["lr"])):
+        settings = doc["tasks"][task]
         seeds = sorted(seed for t, seed in loss if t == task and (default, seed) in loss)
         if not seeds:
             continue
