@@ -149,7 +149,8 @@ def t975(df: int) -> float:
 
 def paired_summary(candidate: list[float], baseline: list[float]) -> dict:
     """Mean paired difference ``candidate - baseline`` with its 95% t-interval, absolute and relative
-    to the baseline's mean. Needs at least two pairs."""
+    to the baseline's mean; also the median difference and how many pairs fall below 0, which one
+    chaotic seed cannot move the way it moves the mean. Needs at least two pairs."""
     diffs = [c - b for c, b in zip(candidate, baseline, strict=True)]
     n = len(diffs)
     mean = statistics.fmean(diffs)
@@ -165,6 +166,8 @@ def paired_summary(candidate: list[float], baseline: list[float]) -> dict:
         "rel_mean": mean / base,
         "rel_low": (mean - half) / base,
         "rel_high": (mean + half) / base,
+        "median_diff": statistics.median(diffs),
+        "below": sum(d < 0 for d in diffs),
         "diffs": diffs,
     }
 
@@ -368,12 +371,19 @@ TASKS = {
 }
 
 
-def task_settings(name: str, lr: float | None = None, quick: bool = False) -> tuple[TaskSettings, type]:
-    """A task's settings and class; at another ``lr`` it is a task of its own, named
-    ``<name>_lr<lr>``, so that its runs never replace (or pair with) the default lr's."""
+SWEPT = ("lr", "eps")  # the hyperparameters --lr and --eps change: "<task>_lr<lr>", "<task>_eps<eps>"
+
+
+def task_settings(
+    name: str, lr: float | None = None, quick: bool = False, eps: float | None = None
+) -> tuple[TaskSettings, type]:
+    """A task's settings and class; at another ``lr`` or ``eps`` it is a task of its own, named
+    ``<name>_lr<lr>`` / ``<name>_eps<eps>``, so that its runs never replace (or pair with) the
+    default's."""
     settings, cls = TASKS[name]
-    if lr is not None:
-        settings = replace(settings, task=f"{name}_lr{lr:g}", lr=lr)
+    for param, value in (("lr", lr), ("eps", eps)):
+        if value is not None:
+            settings = replace(settings, task=f"{settings.task}_{param}{value:g}", **{param: value})
     if quick:
         settings = replace(settings, max_steps=6, batch_size=8)
     return settings, cls
@@ -476,7 +486,7 @@ def summarize(doc: dict) -> None:
                         "candidate": statistics.fmean(by[name, seed][metric] for seed in seeds),
                     }
         doc["summary"][task] = out
-        if "shardwise_8bit" in out:
+        if "shardwise_8bit" in out and task in TASKS:  # the headline: the tasks at their own settings
             parts = []
             for name in EIGHT_BIT:
                 if name in out:
@@ -511,6 +521,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--lr", type=float, help="the tasks at this lr instead (stored as task '<task>_lr<lr>', apart)"
     )
+    parser.add_argument(
+        "--eps", type=float, help="the tasks at this Adam eps instead (stored as task '<task>_eps<eps>')"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality_paired.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -525,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
     }
     for task_name in args.tasks:
-        settings, cls = task_settings(task_name, args.lr, args.quick)
+        settings, cls = task_settings(task_name, args.lr, args.quick, args.eps)
         name = settings.task
         doc["tasks"][name] = json.loads(json.dumps(asdict(settings)))  # as stored: tuples become lists
         if args.fresh:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -647,7 +648,10 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
         "optimizer starts from the same model and sees the same batches and dropout masks; the "
         "difference of its held-out loss to shardwise 32-bit's is taken per seed, then averaged over "
         "the seeds, with a 95% t-interval. An interval that includes 0 means no measurable "
-        "difference at this sample size."
+        "difference at this sample size. The median difference and the count of seeds below 0 "
+        "are what one chaotic seed cannot move (on a seed where training is on the edge of a loss "
+        "spike, any perturbation, even float rounding, moves the final loss far more than on the "
+        "other seeds, and that seed then sets most of the mean)."
         + (
             " torch fused AdamW (fp32) is a second 32-bit implementation: its row shows how far float "
             "rounding alone, amplified by training, moves the result."
@@ -662,12 +666,10 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
         f"\nMeasured on: {machine_line(doc)}.",
         _quick_note(doc),
     ]
-    sweeps = {  # tasks run at another --lr, "<task>_lr<lr>": their default task
-        t: base for t in doc["tasks"] if (base := t.rsplit("_lr", 1)[0]) != t and base in doc["tasks"]
-    }
+    sweeps = swept_tasks(doc)
     for task, settings in doc["tasks"].items():
-        if task in sweeps:
-            continue
+        if task in sweeps and not doc["summary"].get(task):
+            continue  # the baseline alone at another setting: a row of the sweep table below
         summary = doc["summary"].get(task, {})
         base = [
             r["eval_loss"]
@@ -678,8 +680,9 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
             f"\n**{task}**: `{settings['model']}`, "
             + (f"{settings['max_steps']} steps" if settings["max_steps"] else "1 epoch")
             + f" of {settings['batch_size']} x {settings['seq_len']} tokens, lr {settings['lr']:g}, betas "
-            f"{tuple(settings['betas'])}, weight decay {settings['weight_decay']:g}, "
-            f"{settings['warmup_ratio']:.0%} warmup then linear decay, clip {settings['max_grad_norm']:g}. "
+            f"{tuple(settings['betas'])}, eps {settings['eps']:g}, weight decay "
+            f"{settings['weight_decay']:g}, {settings['warmup_ratio']:.0%} warmup then linear decay, "
+            f"clip {settings['max_grad_norm']:g}. "
             + (
                 f"shardwise 32-bit eval loss over {len(base)} seeds: {statistics.fmean(base):.4f}"
                 + (f" (seed sd {statistics.stdev(base):.4f})." if len(base) > 1 else ".")
@@ -702,6 +705,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                     f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
                     f"**{100 * r['rel_mean']:+.2f}%** "
                     f"[{100 * r['rel_low']:+.2f}, {100 * r['rel_high']:+.2f}]",
+                    f"{r['median_diff']:+.4f} ({r['below']}/{r['n']})" if "median_diff" in r else "",
                     f"{r['train_deviation']:.1e}" if "train_deviation" in r else "",
                     "; ".join(extra),
                 ]
@@ -713,7 +717,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 if r["task"] == task and r.get("status") != "ok"
             }
         )
-        body += [[c, "0", status, "", "", ""] for c, status in unavailable]
+        body += [[c, "0", status, "", "", "", ""] for c, status in unavailable]
         versus = [
             f"{r['label']} {r['vs_shardwise_8bit']['mean_diff']:+.4f} "
             f"[{r['vs_shardwise_8bit']['ci_low']:+.4f}, {r['vs_shardwise_8bit']['ci_high']:+.4f}] "
@@ -728,6 +732,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                     "seeds",
                     "eval loss - 32-bit [95% CI]",
                     "relative [95% CI]",
+                    "median (seeds below 0)",
                     "train-loss deviation",
                     "mean metrics vs 32-bit",
                 ],
@@ -740,30 +745,45 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 "difference [95% CI]): " + "; ".join(versus) + "."
             )
     if sweeps:
-        out.append(lr_sweep_table(doc, sweeps))
+        out.append(sweep_table(doc, sweeps))
     png = plot_quality_paired(doc, plots / "quality_paired.png")
     if png:
         out.append(f"\n![paired eval-loss differences to 32-bit]({png})")
     return "\n".join(out)
 
 
-def lr_sweep_table(doc: dict, sweeps: dict[str, str]) -> str:
-    """Tasks run at another ``--lr`` (the baseline alone; ``sweeps`` maps each to its default task):
-    shardwise 32-bit's mean eval loss per lr, next to the default lr's on the same seeds (is the
-    paired comparison at a sensible lr?)."""
+def swept_tasks(doc: dict) -> dict[str, str]:
+    """Tasks run at another ``--lr`` / ``--eps`` (``<task>_lr<lr>``, ``<task>_eps<eps>``, or both),
+    each mapped to its default task."""
+    out = {}
+    for task in doc["tasks"]:
+        match = re.fullmatch(r"(.+?)(?:_(?:lr|eps)[0-9.e+-]+)+", task)
+        if match and match[1] in doc["tasks"]:
+            out[task] = match[1]
+    return out
+
+
+def sweep_table(doc: dict, sweeps: dict[str, str]) -> str:
+    """Tasks run at another lr or eps (``sweeps`` maps each to its default task): shardwise 32-bit's
+    mean eval loss at that setting, next to the default's on the same seeds (is the paired
+    comparison at a sensible setting?)."""
     ok = [r for r in doc["runs"] if r["candidate"] == "shardwise_32bit" and r.get("status") == "ok"]
     loss = {(r["task"], r["seed"]): r["eval_loss"] for r in ok}
+
+    def changed(task: str) -> list[tuple[str, float, float]]:
+        new, old = doc["tasks"][task], doc["tasks"][sweeps[task]]
+        return [(p, new[p], old[p]) for p in ("lr", "eps") if new[p] != old[p]]
+
     body = []
-    for task, default in sorted(sweeps.items(), key=lambda kv: (kv[1], doc["tasks"][kv[0]]["lr"])):
-        settings = doc["tasks"][task]
+    for task in sorted(sweeps, key=lambda t: (sweeps[t], changed(t))):
+        default = sweeps[task]
         seeds = sorted(seed for t, seed in loss if t == task and (default, seed) in loss)
         if not seeds:
             continue
         body.append(
             [
                 default,
-                f"{settings['lr']:g}",
-                f"{doc['tasks'][default]['lr']:g}",
+                ", ".join(f"{p} {new:g} (task's {old:g})" for p, new, old in changed(task)),
                 " ".join(map(str, seeds)),
                 f"{statistics.fmean(loss[task, s] for s in seeds):.4f}",
                 f"{statistics.fmean(loss[default, s] for s in seeds):.4f}",
@@ -773,12 +793,9 @@ def lr_sweep_table(doc: dict, sweeps: dict[str, str]) -> str:
         return ""
     return "\n".join(
         [
-            "\nIs the comparison at a sensible learning rate? shardwise 32-bit alone at other lrs "
-            "(`--lr`, same seeds, everything else equal), against the task's own lr:\n",
-            _table(
-                ["task", "lr", "task's lr", "seeds", "eval loss at lr", "eval loss at the task's lr"],
-                body,
-            ),
+            "\nIs the comparison at sensible hyperparameters? shardwise 32-bit at another lr or Adam "
+            "eps (`--lr`, `--eps`; same seeds, everything else equal), against the task's own:\n",
+            _table(["task", "changed", "seeds", "eval loss, changed", "eval loss, task's own"], body),
         ]
     )
 

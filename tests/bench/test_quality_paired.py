@@ -102,6 +102,10 @@ def test_paired_summary_statistics():
     half = 3.182 * sd / 2  # t(0.975, 3) * sd / sqrt(4)
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.05 - half, 0.05 + half))
     assert r["rel_mean"] == pytest.approx(0.05)
+    assert r["median_diff"] == pytest.approx(0.05) and r["below"] == 1
+    # one outlying seed moves the mean, not the median or the count below 0
+    r = _bench_module().paired_summary([9.0, 0.9, 0.8, 0.95], [1.0, 1.0, 1.0, 1.0])
+    assert r["mean_diff"] > 1 and r["median_diff"] == pytest.approx(-0.075) and r["below"] == 3
 
 
 def test_runs_merge_across_processes(tmp_path):
@@ -156,6 +160,8 @@ def test_lr_control_and_other_lr_tasks():
     assert bench.make_optimizer("shardwise_8bit", model, bench.SMOLLM2).state_bits == 8
     settings, _ = bench.task_settings("smollm2", lr=1.2e-3)
     assert (settings.task, settings.lr, settings.max_steps) == ("smollm2_lr0.0012", 1.2e-3, 30)
+    settings, _ = bench.task_settings("smollm2", lr=1.2e-3, eps=1e-6)
+    assert (settings.task, settings.lr, settings.eps) == ("smollm2_lr0.0012_eps1e-06", 1.2e-3, 1e-6)
     assert bench.task_settings("smollm2")[0] == bench.SMOLLM2
 
 
@@ -174,9 +180,10 @@ def test_simulated_codec_replaces_the_moments_after_every_step():
     assert not torch.any(bias["exp_avg_sq"] == 7.0)
 
 
-def test_report_renders_an_lr_sweep_apart(tmp_path):
-    """Tasks run at another --lr are summarised in one table (mean 32-bit eval loss per lr, against
-    the task's own lr on the same seeds), not as empty paired tables."""
+def test_report_renders_an_lr_and_eps_sweep_apart(tmp_path):
+    """Tasks run at another --lr or --eps are summarised in one table (mean 32-bit eval loss per
+    setting, against the task's own on the same seeds); one with the baseline alone gets no empty
+    paired table, one with other candidates gets its paired table too."""
     bench = _bench_module()
     sys.path.insert(0, str(BENCH))
     import report
@@ -189,13 +196,18 @@ def test_report_renders_an_lr_sweep_apart(tmp_path):
     swept = json.loads(json.dumps(asdict(bench.task_settings("smollm2", lr=6e-4)[0])))
     runs = [run("smollm2", c, s, 4.0 + s / 10) for c in ("shardwise_32bit", "shardwise_8bit") for s in (0, 1)]
     runs += [run("smollm2_lr0.0006", "shardwise_32bit", s, 4.3 + s / 10) for s in (0, 1, 2)]
-    tasks = {"smollm2": settings, "smollm2_lr0.0006": swept}
+    eps = json.loads(json.dumps(asdict(bench.task_settings("smollm2", eps=1e-6)[0])))
+    runs += [run("smollm2_eps1e-06", c, s, 4.2 + s / 10) for c in ("shardwise_32bit", "bnb_8bit")
+             for s in (0, 1)]  # fmt: skip
+    tasks = {"smollm2": settings, "smollm2_lr0.0006": swept, "smollm2_eps1e-06": eps}
     doc = {"config": {"quick": False}, "tasks": tasks, "runs": runs}
     bench.summarize(doc)
     doc["machine"] = {}
     text = report.quality_paired_section(doc, tmp_path)
-    assert "| smollm2 | 0.0006 | 0.0002 | 0 1 | 4.3500 | 4.0500 |" in text
+    assert "| smollm2 | lr 0.0006 (task's 0.0002) | 0 1 | 4.3500 | 4.0500 |" in text
+    assert "| smollm2 | eps 1e-06 (task's 1e-08) | 0 1 | 4.2500 | 4.0500 |" in text
     assert "**smollm2_lr0.0006**" not in text and "**smollm2**" in text
+    assert "**smollm2_eps1e-06**" in text and "eps 1e-06, weight decay" in text
 
 
 def test_batches_past_one_epoch_reshuffle_and_keep_the_first():
