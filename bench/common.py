@@ -351,8 +351,8 @@ def machine_line(doc: dict) -> str:
     dev = m.get("gpu") or f"{m.get('cpu_model', '?')}, {m.get('logical_cpus', '?')} logical CPUs"
     threads = doc.get("config", {}).get("threads", m.get("torch_threads"))
     return (
-        f"{dev}; {threads} threads; torch {m.get('torch', '?')}; {m.get('date', '?')}; "
-        f"git {m.get('git_sha', '?')}"
+        f"{dev}; {threads} thread{'s' if threads != 1 else ''}; torch {m.get('torch', '?')}; "
+        f"{m.get('date', '?')}; git {m.get('git_sha', '?')}"
     )
 
 

@@ -26,9 +26,10 @@ Tasks (``--tasks``), all from the offline asset cache (``make assets``):
 * ``minilm_r8_2ep``: the demo fine-tune trained further, two epochs (344 steps; the lr decays to 0
   over both). Not in the default ``--tasks``: its runs take twice as long.
 
-``--lr`` runs a task at another learning rate, stored as a task of its own (``smollm2_lr0.0006``),
-so that an lr sweep of the baseline (``--candidates shardwise_32bit``) never touches the default
-lr's runs.
+``--lr`` and ``--eps`` run a task at another learning rate or Adam eps, stored as a task of its own
+(``smollm2_lr0.0006``, ``smollm2_eps1e-06``), so that a sweep of the baseline (``--candidates
+shardwise_32bit``) never touches the default's runs, and the 8-bit candidates can be paired at the
+other setting too.
 
 Candidates (``--candidates``): ``shardwise_32bit`` (the baseline of every difference),
 ``shardwise_8bit``, ``torch_fused`` (torch.optim.AdamW fused fp32: an equivalent 32-bit

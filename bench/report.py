@@ -780,6 +780,7 @@ def sweep_table(doc: dict, sweeps: dict[str, str]) -> str:
         seeds = sorted(seed for t, seed in loss if t == task and (default, seed) in loss)
         if not seeds:
             continue
+        diffs = [loss[task, s] - loss[default, s] for s in seeds]
         body.append(
             [
                 default,
@@ -787,6 +788,7 @@ def sweep_table(doc: dict, sweeps: dict[str, str]) -> str:
                 " ".join(map(str, seeds)),
                 f"{statistics.fmean(loss[task, s] for s in seeds):.4f}",
                 f"{statistics.fmean(loss[default, s] for s in seeds):.4f}",
+                f"{statistics.median(diffs):+.4f} ({sum(d < 0 for d in diffs)}/{len(diffs)})",
             ]
         )
     if not body:
@@ -795,7 +797,17 @@ def sweep_table(doc: dict, sweeps: dict[str, str]) -> str:
         [
             "\nIs the comparison at sensible hyperparameters? shardwise 32-bit at another lr or Adam "
             "eps (`--lr`, `--eps`; same seeds, everything else equal), against the task's own:\n",
-            _table(["task", "changed", "seeds", "eval loss, changed", "eval loss, task's own"], body),
+            _table(
+                [
+                    "task",
+                    "changed",
+                    "seeds",
+                    "eval loss, changed",
+                    "eval loss, task's own",
+                    "median difference (seeds below 0)",
+                ],
+                body,
+            ),
         ]
     )
 

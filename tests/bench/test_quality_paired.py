@@ -204,8 +204,8 @@ def test_report_renders_an_lr_and_eps_sweep_apart(tmp_path):
     bench.summarize(doc)
     doc["machine"] = {}
     text = report.quality_paired_section(doc, tmp_path)
-    assert "| smollm2 | lr 0.0006 (task's 0.0002) | 0 1 | 4.3500 | 4.0500 |" in text
-    assert "| smollm2 | eps 1e-06 (task's 1e-08) | 0 1 | 4.2500 | 4.0500 |" in text
+    assert "| smollm2 | lr 0.0006 (task's 0.0002) | 0 1 | 4.3500 | 4.0500 | +0.3000 (0/2) |" in text
+    assert "| smollm2 | eps 1e-06 (task's 1e-08) | 0 1 | 4.2500 | 4.0500 | +0.2000 (0/2) |" in text
     assert "**smollm2_lr0.0006**" not in text and "**smollm2**" in text
     assert "**smollm2_eps1e-06**" in text and "eps 1e-06, weight decay" in text
 
