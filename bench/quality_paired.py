@@ -372,11 +372,8 @@ TASKS = {
 }
 
 
-SWEPT = ("lr", "eps")  # the hyperparameters --lr and --eps change: "<task>_lr<lr>", "<task>_eps<eps>"
-
-
 def task_settings(
-    name: str, lr: float | None = None, quick: bool = False, eps: float | None = None
+    name: str, lr: float | None = None, eps: float | None = None, quick: bool = False
 ) -> tuple[TaskSettings, type]:
     """A task's settings and class; at another ``lr`` or ``eps`` it is a task of its own, named
     ``<name>_lr<lr>`` / ``<name>_eps<eps>``, so that its runs never replace (or pair with) the
@@ -539,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
     }
     for task_name in args.tasks:
-        settings, cls = task_settings(task_name, args.lr, args.quick, args.eps)
+        settings, cls = task_settings(task_name, lr=args.lr, eps=args.eps, quick=args.quick)
         name = settings.task
         doc["tasks"][name] = json.loads(json.dumps(asdict(settings)))  # as stored: tuples become lists
         if args.fresh:
