@@ -53,7 +53,9 @@ single-threaded process per task, ~1.6 hours), then SmolLM2 seeds 5-14 without t
 processes, ~1 hour), then torch fused for the seeds without it; then the lr x1.05 control on
 SmolLM2's 15 seeds, a 32-bit lr sweep (1e-4 and 6e-4 on seeds 0-2, 1.2e-3 on seed 0), the two
 simulations on seeds 0-4, and ``minilm_r8_2ep`` with shardwise 32/8-bit and bitsandbytes on
-seeds 0-4 (two processes, ~1.7 hours):
+seeds 0-4 (two processes, ~1.7 hours); then a 32-bit eps sweep of SmolLM2 (1e-7 and 1e-5 on seeds
+0-4), SmolLM2 at eps 1e-6 with shardwise 32/8-bit and bitsandbytes on seeds 0-9, and torch fused and
+torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours):
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -66,6 +68,8 @@ seeds 0-4 (two processes, ~1.7 hours):
     python bench/quality_paired.py --tasks smollm2 --threads 1 --seeds 0 1 2 --lr 6e-4 \
         --candidates shardwise_32bit                               # one point of the lr sweep
     python bench/quality_paired.py --tasks minilm_r8_2ep --threads 1 --candidates shardwise_8bit bnb_8bit
+    python bench/quality_paired.py --tasks smollm2 --threads 1 --eps 1e-6 --seeds 0 1 2 3 4 5 6 7 8 9 \
+        --candidates shardwise_8bit bnb_8bit                       # every optimizer at eps 1e-6
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 
 Writes ``bench/results/quality_paired.json``; ``bench/report.py`` renders it (table and plot).

@@ -834,7 +834,7 @@ def plot_quality_paired(doc: dict, path: Path) -> str | None:
         ys = range(len(rows))
         ax.set_yticks(list(ys), [r["label"] for _, r in rows])
         ax.invert_yaxis()
-        ax.set_title(f"{task}: eval loss vs shardwise 32-bit (paired mean, 95% CI)", fontsize=9)
+        ax.set_title(f"{task}: eval loss - shardwise 32-bit, paired mean, 95% CI", fontsize=9, loc="right")
     axes[-1].set_xlabel("eval loss difference, % of the 32-bit loss")
     fig.tight_layout()
     return _save(fig, path, plt)
