@@ -25,6 +25,9 @@ Tasks (``--tasks``), all from the offline asset cache (``make assets``):
   on 32 blocks of Macbeth + The Tempest.
 * ``minilm_r8_2ep``: the demo fine-tune trained further, two epochs (344 steps; the lr decays to 0
   over both). Not in the default ``--tasks``: its runs take twice as long.
+* ``smollm2_200``: the SmolLM2 fine-tune at a few hundred steps, 200 (the lr decays to 0 over all of
+  them): does what 30 steps show hold at a fine-tune's horizon? Not in the default ``--tasks``: ~7x
+  as long (~11 minutes a run on one core, bitsandbytes' ~30).
 
 ``--lr`` and ``--eps`` run a task at another learning rate or Adam eps, stored as a task of its own
 (``smollm2_lr0.0006``, ``smollm2_eps1e-06``), so that a sweep of the baseline (``--candidates
@@ -70,6 +73,8 @@ torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours):
     python bench/quality_paired.py --tasks minilm_r8_2ep --threads 1 --candidates shardwise_8bit bnb_8bit
     python bench/quality_paired.py --tasks smollm2 --threads 1 --eps 1e-6 --seeds 0 1 2 3 4 5 6 7 8 9 \
         --candidates shardwise_8bit bnb_8bit                       # every optimizer at eps 1e-6
+    python bench/quality_paired.py --tasks smollm2_200 --threads 1 --seeds 0 2 \
+        --candidates shardwise_8bit bnb_8bit &                     # and --seeds 1 3 beside it
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 
 Writes ``bench/results/quality_paired.json``; ``bench/report.py`` renders it (table and plot).
@@ -369,10 +374,14 @@ class SmolLM2(Task):
 # The demo fine-tune trained further: two epochs, the lr decaying to 0 over both (on this CPU its
 # runs take 2x as long, so fewer candidates ran it).
 MINILM_R8_2EP = replace(MINILM_R8, task="minilm_r8_2ep", max_steps=2 * 172)
+# SmolLM2 at a fine-tune's horizon rather than a CPU-sized one: 200 steps, the lr decaying to 0 over
+# all of them (~7x a default run; bitsandbytes' CPU step alone adds ~5 s a step).
+SMOLLM2_200 = replace(SMOLLM2, task="smollm2_200", max_steps=200)
 TASKS = {
     "minilm_r8": (MINILM_R8, MiniLMR8),
     "smollm2": (SMOLLM2, SmolLM2),
     "minilm_r8_2ep": (MINILM_R8_2EP, MiniLMR8),
+    "smollm2_200": (SMOLLM2_200, SmolLM2),
 }
 
 

@@ -20,7 +20,7 @@ import functools
 import importlib.util
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -149,9 +149,10 @@ def test_runs_merge_across_processes(tmp_path):
     assert stored() == {("shardwise_8bit", 0): 3.3}
 
 
-def test_lr_control_and_other_lr_tasks():
-    """The lr x1.05 control is shardwise 32-bit with a 5% larger lr; a task run at another lr is
-    stored under its own name, so it never replaces the default lr's runs."""
+def test_lr_control_and_task_variants():
+    """The lr x1.05 control is shardwise 32-bit with a 5% larger lr; a task run at another lr or eps
+    is stored under its own name, so it never replaces the default's runs; the 200-step SmolLM2
+    task is the default at another step count."""
     bench = _bench_module()
     model = torch.nn.Linear(64, 64)
     control = bench.make_optimizer("shardwise_32bit_lr105", model, bench.SMOLLM2)
@@ -163,6 +164,9 @@ def test_lr_control_and_other_lr_tasks():
     settings, _ = bench.task_settings("smollm2", lr=1.2e-3, eps=1e-6)
     assert (settings.task, settings.lr, settings.eps) == ("smollm2_lr0.0012_eps1e-06", 1.2e-3, 1e-6)
     assert bench.task_settings("smollm2")[0] == bench.SMOLLM2
+    long, cls = bench.task_settings("smollm2_200")
+    assert cls is bench.SmolLM2 and long.max_steps == 200
+    assert replace(long, task="smollm2", max_steps=30) == bench.SMOLLM2
 
 
 def test_simulated_codec_replaces_the_moments_after_every_step():
