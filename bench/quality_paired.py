@@ -58,7 +58,9 @@ SmolLM2's 15 seeds, a 32-bit lr sweep (1e-4 and 6e-4 on seeds 0-2, 1.2e-3 on see
 simulations on seeds 0-4, and ``minilm_r8_2ep`` with shardwise 32/8-bit and bitsandbytes on
 seeds 0-4 (two processes, ~1.7 hours); then a 32-bit eps sweep of SmolLM2 (1e-7 and 1e-5 on seeds
 0-4), SmolLM2 at eps 1e-6 with shardwise 32/8-bit and bitsandbytes on seeds 0-9, and torch fused and
-torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours):
+torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours); then ``smollm2_200`` with shardwise
+32/8-bit and bitsandbytes on seeds 0-3, and its 32-bit run at eps 1e-6 on seeds 0 and 1 (two
+processes, ~1.8 hours):
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -75,6 +77,8 @@ torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours):
         --candidates shardwise_8bit bnb_8bit                       # every optimizer at eps 1e-6
     python bench/quality_paired.py --tasks smollm2_200 --threads 1 --seeds 0 2 \
         --candidates shardwise_8bit bnb_8bit &                     # and --seeds 1 3 beside it
+    python bench/quality_paired.py --tasks smollm2_200 --threads 1 --eps 1e-6 --seeds 0 \
+        --candidates shardwise_32bit &                             # and --seeds 1 beside it
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 
 Writes ``bench/results/quality_paired.json``; ``bench/report.py`` renders it (table and plot).
