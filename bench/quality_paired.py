@@ -27,7 +27,7 @@ Tasks (``--tasks``), all from the offline asset cache (``make assets``):
   over both). Not in the default ``--tasks``: its runs take twice as long.
 * ``smollm2_200``: the SmolLM2 fine-tune at a few hundred steps, 200 (the lr decays to 0 over all of
   them): does what 30 steps show hold at a fine-tune's horizon? Not in the default ``--tasks``: ~7x
-  as long (~11 minutes a run on one core, bitsandbytes' ~30).
+  as long (~11 minutes a run on one core, bitsandbytes' ~23).
 
 ``--lr`` and ``--eps`` run a task at another learning rate or Adam eps, stored as a task of its own
 (``smollm2_lr0.0006``, ``smollm2_eps1e-06``), so that a sweep of the baseline (``--candidates
