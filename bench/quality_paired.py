@@ -59,7 +59,7 @@ simulations on seeds 0-4, and ``minilm_r8_2ep`` with shardwise 32/8-bit and bits
 seeds 0-4 (two processes, ~1.7 hours); then a 32-bit eps sweep of SmolLM2 (1e-7 and 1e-5 on seeds
 0-4), SmolLM2 at eps 1e-6 with shardwise 32/8-bit and bitsandbytes on seeds 0-9, and torch fused and
 torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours); then ``smollm2_200`` with shardwise
-32/8-bit and bitsandbytes on seeds 0-3, then its 32-bit run at eps 1e-6 and torch fused on seeds
+32/8-bit and bitsandbytes on seeds 0-4, then its 32-bit run at eps 1e-6 and torch fused on seeds
 0 and 1 (two processes, ~2.2 hours):
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
