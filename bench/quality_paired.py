@@ -75,7 +75,7 @@ torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours); then ``smollm2_200`` w
     python bench/quality_paired.py --tasks minilm_r8_2ep --threads 1 --candidates shardwise_8bit bnb_8bit
     python bench/quality_paired.py --tasks smollm2 --threads 1 --eps 1e-6 --seeds 0 1 2 3 4 5 6 7 8 9 \
         --candidates shardwise_8bit bnb_8bit                       # every optimizer at eps 1e-6
-    python bench/quality_paired.py --tasks smollm2_200 --threads 1 --seeds 0 2 \
+    python bench/quality_paired.py --tasks smollm2_200 --threads 1 --seeds 0 2 4 \
         --candidates shardwise_8bit bnb_8bit &                     # and --seeds 1 3 beside it
     python bench/quality_paired.py --tasks smollm2_200 --threads 1 --eps 1e-6 --seeds 0 \
         --candidates shardwise_32bit &                             # and --seeds 1 beside it
