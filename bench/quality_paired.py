@@ -27,7 +27,7 @@ Tasks (``--tasks``), all from the offline asset cache (``make assets``):
   over both). Not in the default ``--tasks``: its runs take twice as long.
 * ``smollm2_200``: the SmolLM2 fine-tune at a few hundred steps, 200 (the lr decays to 0 over all of
   them): does what 30 steps show hold at a fine-tune's horizon? Not in the default ``--tasks``: ~7x
-  as long (~11 minutes a run on one core, bitsandbytes' ~23).
+  as long (~11 minutes a run on one core, bitsandbytes' ~23, torchao's ~30).
 
 ``--lr`` and ``--eps`` run a task at another learning rate or Adam eps, stored as a task of its own
 (``smollm2_lr0.0006``, ``smollm2_eps1e-06``), so that a sweep of the baseline (``--candidates
@@ -60,7 +60,8 @@ seeds 0-4 (two processes, ~1.7 hours); then a 32-bit eps sweep of SmolLM2 (1e-7 
 0-4), SmolLM2 at eps 1e-6 with shardwise 32/8-bit and bitsandbytes on seeds 0-9, and torch fused and
 torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours); then ``smollm2_200`` with shardwise
 32/8-bit and bitsandbytes on seeds 0-4, then its 32-bit run at eps 1e-6 and torch fused on seeds
-0 and 1 (two processes, ~2.2 hours):
+0 and 1 (two processes, ~2.2 hours); then torchao on its seeds 0-4 (~30 minutes a run) and torch
+fused on seeds 2-4 (two processes, ~1.6 hours):
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -79,6 +80,8 @@ torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours); then ``smollm2_200`` w
         --candidates shardwise_8bit bnb_8bit &                     # and --seeds 1 3 beside it
     python bench/quality_paired.py --tasks smollm2_200 --threads 1 --eps 1e-6 --seeds 0 \
         --candidates shardwise_32bit &                             # and --seeds 1 beside it
+    python bench/quality_paired.py --tasks smollm2_200 --threads 1 --seeds 0 2 4 \
+        --candidates torchao_8bit &                                # and --seeds 1 3 beside it
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 
 Writes ``bench/results/quality_paired.json``; ``bench/report.py`` renders it (table and plot).
