@@ -61,7 +61,8 @@ seeds 0-4 (two processes, ~1.7 hours); then a 32-bit eps sweep of SmolLM2 (1e-7 
 torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours); then ``smollm2_200`` with shardwise
 32/8-bit and bitsandbytes on seeds 0-4, then its 32-bit run at eps 1e-6 and torch fused on seeds
 0 and 1 (two processes, ~2.2 hours); then torchao on its seeds 0-4 (~30 minutes a run) and torch
-fused on seeds 2-4 (two processes, ~1.6 hours), then the 32-bit run at eps 1e-6 on seeds 2-4:
+fused on seeds 2-4 (two processes, ~1.6 hours), then the 32-bit run at eps 1e-6 on seeds 2-4;
+then ``minilm_r8_2ep``'s 32-bit run at eps 1e-6 on seeds 0-4 (two processes, ~25 minutes):
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -82,6 +83,8 @@ fused on seeds 2-4 (two processes, ~1.6 hours), then the 32-bit run at eps 1e-6 
         --candidates shardwise_32bit &                             # and --seeds 1, later 2 3 4
     python bench/quality_paired.py --tasks smollm2_200 --threads 1 --seeds 0 2 4 \
         --candidates torchao_8bit &                                # and --seeds 1 3 beside it
+    python bench/quality_paired.py --tasks minilm_r8_2ep --threads 1 --eps 1e-6 --seeds 0 2 4 \
+        --candidates shardwise_32bit &                             # and --seeds 1 3 beside it
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 
 Writes ``bench/results/quality_paired.json``; ``bench/report.py`` renders it (table and plot).
@@ -167,7 +170,10 @@ def t975(df: int) -> float:
 def paired_summary(candidate: list[float], baseline: list[float]) -> dict:
     """Mean paired difference ``candidate - baseline`` with its 95% t-interval, absolute and relative
     to the baseline's mean; also the median difference and how many pairs fall below 0, which one
-    chaotic seed cannot move the way it moves the mean. Needs at least two pairs."""
+    chaotic seed cannot move the way it moves the mean, and the mean absolute difference
+    ``mean |d_s|``: how far the candidate moves a seed's result from the baseline's in either
+    direction, so that a shift below the baseline on one seed does not cancel one above it on
+    another. Needs at least two pairs."""
     diffs = [c - b for c, b in zip(candidate, baseline, strict=True)]
     n = len(diffs)
     mean = statistics.fmean(diffs)
@@ -184,6 +190,7 @@ def paired_summary(candidate: list[float], baseline: list[float]) -> dict:
         "rel_low": (mean - half) / base,
         "rel_high": (mean + half) / base,
         "median_diff": statistics.median(diffs),
+        "mean_abs_diff": statistics.fmean(abs(d) for d in diffs),
         "below": sum(d < 0 for d in diffs),
         "diffs": diffs,
     }

@@ -651,7 +651,9 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
         "difference at this sample size. The median difference and the count of seeds below 0 "
         "are what one chaotic seed cannot move (on a seed where training is on the edge of a loss "
         "spike, any perturbation, even float rounding, moves the final loss far more than on the "
-        "other seeds, and that seed then sets most of the mean)."
+        "other seeds, and that seed then sets most of the mean). The mean absolute difference "
+        "(mean over the seeds of |eval loss - 32-bit eval loss|) is how far an optimizer moves the "
+        "result from 32-bit's in either direction: a seed it lowers does not cancel a seed it raises."
         + (
             " torch fused AdamW (fp32) is a second 32-bit implementation: its row shows how far float "
             "rounding alone, amplified by training, moves the result."
@@ -706,6 +708,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                     f"**{100 * r['rel_mean']:+.2f}%** "
                     f"[{100 * r['rel_low']:+.2f}, {100 * r['rel_high']:+.2f}]",
                     f"{r['median_diff']:+.4f} ({r['below']}/{r['n']})" if "median_diff" in r else "",
+                    f"{r['mean_abs_diff']:.4f}" if "mean_abs_diff" in r else "",
                     f"{r['train_deviation']:.1e}" if "train_deviation" in r else "",
                     "; ".join(extra),
                 ]
@@ -717,7 +720,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 if r["task"] == task and r.get("status") != "ok"
             }
         )
-        body += [[c, "0", status, "", "", "", ""] for c, status in unavailable]
+        body += [[c, "0", status, "", "", "", "", ""] for c, status in unavailable]
         versus = [
             f"{r['label']} {r['vs_shardwise_8bit']['mean_diff']:+.4f} "
             f"[{r['vs_shardwise_8bit']['ci_low']:+.4f}, {r['vs_shardwise_8bit']['ci_high']:+.4f}] "
@@ -733,6 +736,7 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                     "eval loss - 32-bit [95% CI]",
                     "relative [95% CI]",
                     "median (seeds below 0)",
+                    "mean abs. difference",
                     "train-loss deviation",
                     "mean metrics vs 32-bit",
                 ],

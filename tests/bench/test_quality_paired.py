@@ -103,6 +103,7 @@ def test_paired_summary_statistics():
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.05 - half, 0.05 + half))
     assert r["rel_mean"] == pytest.approx(0.05)
     assert r["median_diff"] == pytest.approx(0.05) and r["below"] == 1
+    assert r["mean_abs_diff"] == pytest.approx(0.1)  # |0.1| + |0.2| + |-0.1| + |0| over 4: no cancelling
     # one outlying seed moves the mean, not the median or the count below 0
     r = _bench_module().paired_summary([9.0, 0.9, 0.8, 0.95], [1.0, 1.0, 1.0, 1.0])
     assert r["mean_diff"] > 1 and r["median_diff"] == pytest.approx(-0.075) and r["below"] == 3
