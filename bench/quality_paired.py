@@ -484,6 +484,11 @@ def summarize(doc: dict) -> None:
         runs = [r for r in doc["runs"] if r["task"] == task and r.get("status") == "ok"]
         by = {(r["candidate"], r["seed"]): r for r in runs}
         base_seeds = sorted(seed for (c, seed) in by if c == BASELINE)
+        distance = {  # |eval loss - 32-bit eval loss| of every run paired with a baseline run
+            (c, seed): abs(r["eval_loss"] - by[BASELINE, seed]["eval_loss"])
+            for (c, seed), r in by.items()
+            if (BASELINE, seed) in by
+        }
         out = {}
         for name in CANDIDATES:
             seeds = [seed for seed in base_seeds if (name, seed) in by]
@@ -499,6 +504,11 @@ def summarize(doc: dict) -> None:
                 out[name]["vs_shardwise_8bit"] = paired_summary(
                     [by[name, seed]["eval_loss"] for seed in both],
                     [by["shardwise_8bit", seed]["eval_loss"] for seed in both],
+                )
+                # Whose result ends further from 32-bit's, either side, paired: above 0, theirs.
+                out[name]["distance_vs_shardwise_8bit"] = paired_summary(
+                    [distance[name, seed] for seed in both],
+                    [distance["shardwise_8bit", seed] for seed in both],
                 )
             out[name]["train_deviation"] = statistics.median(
                 trajectory_deviation(by[name, seed]["train_loss"], by[BASELINE, seed]["train_loss"])

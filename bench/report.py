@@ -748,6 +748,17 @@ def quality_paired_section(doc: dict, plots: Path) -> str:
                 "\nThe other 8-bit optimizers against shardwise 8-bit directly (eval loss, paired mean "
                 "difference [95% CI]): " + "; ".join(versus) + "."
             )
+        distance = [
+            f"{r['label']} {d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] "
+            f"(ours the closer on {d['n'] - d['below'] - d['diffs'].count(0.0)} of {d['n']} seeds)"
+            for r in summary.values()
+            if (d := r.get("distance_vs_shardwise_8bit"))
+        ]
+        if distance:
+            out.append(
+                "Their distance from 32-bit against ours (|their eval loss - 32-bit| - |ours - 32-bit|, "
+                "paired mean [95% CI]; above 0: theirs is the larger): " + "; ".join(distance) + "."
+            )
     if sweeps:
         out.append(sweep_table(doc, sweeps))
     png = plot_quality_paired(doc, plots / "quality_paired.png")

@@ -215,6 +215,38 @@ def test_report_renders_an_lr_and_eps_sweep_apart(tmp_path):
     assert "**smollm2_eps1e-06**" in text and "eps 1e-06, weight decay" in text
 
 
+def test_distance_from_32bit_counts_both_sides(tmp_path):
+    """A candidate that ends below 32-bit on one seed and above on another has a signed mean of 0
+    but a mean absolute difference that counts both; against shardwise 8-bit the summary pairs the
+    distances seed by seed, and the report names whose is the larger."""
+    bench = _bench_module()
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    losses = {  # seed -> 32-bit, ours, bitsandbytes'
+        0: (4.0, 4.01, 3.9),
+        1: (4.0, 3.99, 4.1),
+        2: (4.0, 4.0, 4.0),
+    }
+    runs = [
+        {"task": "smollm2", "candidate": c, "seed": seed, "status": "ok", "eval_loss": loss,
+         "train_loss": [loss]}
+        for seed, row in losses.items()
+        for c, loss in zip(("shardwise_32bit", "shardwise_8bit", "bnb_8bit"), row, strict=True)
+    ]  # fmt: skip
+    doc = {"config": {"quick": False}, "tasks": {"smollm2": asdict(bench.SMOLLM2)}, "runs": runs}
+    bench.summarize(doc)
+    ours, theirs = doc["summary"]["smollm2"]["shardwise_8bit"], doc["summary"]["smollm2"]["bnb_8bit"]
+    assert ours["mean_diff"] == pytest.approx(0) and ours["mean_abs_diff"] == pytest.approx(0.02 / 3)
+    assert theirs["mean_diff"] == pytest.approx(0) and theirs["mean_abs_diff"] == pytest.approx(0.2 / 3)
+    distance = theirs["distance_vs_shardwise_8bit"]
+    assert distance["diffs"] == pytest.approx([0.09, 0.09, 0.0])
+    doc["machine"] = {}
+    text = report.quality_paired_section(doc, tmp_path)
+    assert "bitsandbytes AdamW8bit +0.0600" in text and "(ours the closer on 2 of 3 seeds)" in text
+    assert "| 0.0067 |" in text and "| 0.0667 |" in text  # the mean abs. difference column
+
+
 def test_batches_past_one_epoch_reshuffle_and_keep_the_first():
     """A task of two epochs sees the one-epoch task's batches first, then a fresh shuffle."""
     bench = _bench_module()
