@@ -62,7 +62,9 @@ torchao on ``minilm_r8_2ep`` (two processes, ~1.7 hours); then ``smollm2_200`` w
 32/8-bit and bitsandbytes on seeds 0-4, then its 32-bit run at eps 1e-6 and torch fused on seeds
 0 and 1 (two processes, ~2.2 hours); then torchao on its seeds 0-4 (~30 minutes a run) and torch
 fused on seeds 2-4 (two processes, ~1.6 hours), then the 32-bit run at eps 1e-6 on seeds 2-4;
-then ``minilm_r8_2ep``'s 32-bit run at eps 1e-6 on seeds 0-4 (two processes, ~25 minutes):
+then ``minilm_r8_2ep``'s 32-bit run at eps 1e-6 on seeds 0-4 (two processes, ~25 minutes), and
+``smollm2_200`` with shardwise 32/8-bit and bitsandbytes on seeds 5 and 6 (one process per seed,
+~1 hour):
 
     python bench/quality_paired.py                                 # both tasks, 5 seeds
     python bench/quality_paired.py --tasks minilm_r8 --threads 1 &  # the same, one process per task
@@ -85,6 +87,8 @@ then ``minilm_r8_2ep``'s 32-bit run at eps 1e-6 on seeds 0-4 (two processes, ~25
         --candidates torchao_8bit &                                # and --seeds 1 3 beside it
     python bench/quality_paired.py --tasks minilm_r8_2ep --threads 1 --eps 1e-6 --seeds 0 2 4 \
         --candidates shardwise_32bit &                             # and --seeds 1 3 beside it
+    python bench/quality_paired.py --tasks smollm2_200 --threads 1 --seeds 5 \
+        --candidates shardwise_8bit bnb_8bit &                     # and --seeds 6 beside it
     python bench/quality_paired.py --quick --out /tmp/q.json       # tiny random models, seconds
 
 Writes ``bench/results/quality_paired.json``; ``bench/report.py`` renders it (table and plot).
